@@ -1,1 +1,6 @@
+//! outrigger integration tests: the real binary against real etcd, real
+//! upstream servers and real clients. The shared harness is in [`support`];
+//! `support_selftest` checks the harness itself without needing a sidecar.
 
+mod support;
+mod support_selftest;
