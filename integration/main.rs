@@ -2,5 +2,6 @@
 //! upstream servers and real clients. The shared harness is in [`support`];
 //! `support_selftest` checks the harness itself without needing a sidecar.
 
+mod foundation;
 mod support;
 mod support_selftest;

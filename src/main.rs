@@ -1,1 +1,200 @@
-fn main(){}
+//! The `outrigger` command: parse, validate, run.
+//!
+//! The config is validated completely before any runtime, thread or socket
+//! exists; an invalid config exits 64 (EX_USAGE), listing every bad field.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use outrigger::config::{Config, ConfigError};
+
+/// EX_USAGE from sysexits.h: the invocation (here, the config) is wrong.
+const EX_USAGE: u8 = 64;
+/// EX_UNAVAILABLE: a runtime failure (port taken, duplicate instance).
+const EX_UNAVAILABLE: u8 = 69;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outrigger",
+    version,
+    about = "A small, fast sidecar proxy for microservices"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "OUTRIGGER_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a sidecar.
+    Run {
+        /// Config file (TOML). Any key can be overridden with an environment
+        /// variable OUTRIGGER_<SECTION>__<KEY>, e.g. OUTRIGGER_SERVICE__NAME=b.
+        #[arg(long, short, env = "OUTRIGGER_CONFIG")]
+        config: PathBuf,
+        /// Overrides service.name.
+        #[arg(long)]
+        service: Option<String>,
+        /// Overrides service.instance_id.
+        #[arg(long)]
+        instance_id: Option<String>,
+        /// Overrides service.address (where the local service listens).
+        #[arg(long)]
+        service_address: Option<String>,
+        /// Overrides service.advertise (what peers dial).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Overrides service.zone.
+        #[arg(long)]
+        zone: Option<String>,
+    },
+    /// Validate a config file: exit 0 if valid, else list every invalid field.
+    CheckConfig {
+        /// Config file (TOML).
+        file: PathBuf,
+    },
+    /// Print a running sidecar's routing table.
+    Routes {
+        /// The sidecar's admin listener.
+        #[arg(long, default_value = "127.0.0.1:15000", env = "OUTRIGGER_ADMIN")]
+        admin: SocketAddr,
+        /// Print the raw JSON of /routes.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file, std::env::vars()) {
+            Ok(_) => {
+                println!("{}: valid", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::Routes { admin, json } => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start a runtime: {e}");
+                    return ExitCode::from(EX_UNAVAILABLE);
+                }
+            };
+            match rt.block_on(outrigger::routes_cli::fetch(admin)) {
+                Ok(v) if json => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(v) => {
+                    print!("{}", outrigger::routes_cli::render(&v));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EX_UNAVAILABLE)
+                }
+            }
+        }
+        Command::Run {
+            config,
+            service,
+            instance_id,
+            service_address,
+            advertise,
+            zone,
+        } => {
+            // Flags win over the environment, which wins over the file.
+            let mut env: Vec<(String, String)> = std::env::vars().collect();
+            for (key, value) in [
+                ("OUTRIGGER_SERVICE__NAME", service),
+                ("OUTRIGGER_SERVICE__INSTANCE_ID", instance_id),
+                ("OUTRIGGER_SERVICE__ADDRESS", service_address),
+                ("OUTRIGGER_SERVICE__ADVERTISE", advertise),
+                ("OUTRIGGER_SERVICE__ZONE", zone),
+            ] {
+                if let Some(v) = value {
+                    env.push((key.into(), toml_string(&v)));
+                }
+            }
+            let config = match Config::load(&config, env) {
+                Ok(c) => c,
+                Err(e) => return config_failure(&e),
+            };
+            run(config)
+        }
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    let mut builder = if config.runtime.worker_threads <= 1 {
+        // A sidecar shares its pod's CPU: one thread, no work-stealing.
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.runtime.worker_threads);
+        b
+    };
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    match rt.block_on(outrigger::app::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "outrigger stopped");
+            eprintln!("error: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+fn config_failure(e: &ConfigError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EX_USAGE)
+}
+
+/// Quote a flag value as a TOML string so it is never re-typed (a zone
+/// named `1` stays a string).
+fn toml_string(v: &str) -> String {
+    toml::Value::String(v.to_owned()).to_string()
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

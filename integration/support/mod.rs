@@ -30,6 +30,7 @@ pub mod client;
 pub mod etcd;
 pub mod files;
 pub mod loadgen;
+pub mod mesh;
 pub mod metrics;
 pub mod ports;
 pub mod process;

@@ -1,6 +1,6 @@
 //! Typed, validated configuration.
 //!
-//! The TOML file is first deserialized into the permissive structs of [`raw`],
+//! The TOML file is first read into a `toml::Table` and walked by [`raw`],
 //! then validated into the types below. Validation collects *every* problem
 //! (with its field path, e.g. `upstreams[1].timeout`) before reporting, so an
 //! operator fixes a broken file in one pass instead of one error per restart.
@@ -301,11 +301,11 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Syntax {
-                message: e.to_string(),
-            }
-        })?;
+        let mut value: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    message: e.to_string(),
+                })?;
         env::apply_overrides(&mut value, env)?;
         validate::validate(value)
     }

@@ -95,16 +95,25 @@ impl EndpointRecord {
     /// Validate the fields the data path relies on.
     pub fn check(&self) -> Result<(), DecodeError> {
         if !is_service_name(&self.service) {
-            return Err(field("service", format!("{:?} is not a valid service name", self.service)));
+            return Err(field(
+                "service",
+                format!("{:?} is not a valid service name", self.service),
+            ));
         }
         if !is_instance_id(&self.instance) {
-            return Err(field("instance", format!("{:?} is not a valid instance id", self.instance)));
+            return Err(field(
+                "instance",
+                format!("{:?} is not a valid instance id", self.instance),
+            ));
         }
         if let Err(reason) = check_host_port(&self.address) {
             return Err(field("address", reason));
         }
         if self.weight == 0 || self.weight > MAX_WEIGHT {
-            return Err(field("weight", format!("{} is outside 1..={MAX_WEIGHT}", self.weight)));
+            return Err(field(
+                "weight",
+                format!("{} is outside 1..={MAX_WEIGHT}", self.weight),
+            ));
         }
         Ok(())
     }
@@ -119,16 +128,19 @@ pub fn is_service_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
 
-/// Instance ids appear in registry keys, so they are kept to a safe alphabet.
+/// Instance ids appear in registry keys, so they are kept to a safe alphabet
+/// (`:` is allowed because a static entry defaults its instance to its address).
 pub fn is_instance_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b':'))
 }
 
 /// `host:port` with a non-zero port; the host is an IP, `[v6]`, or a DNS name.
@@ -140,7 +152,10 @@ pub fn check_host_port(s: &str) -> Result<(), String> {
         Ok(p) if p > 0 => {}
         _ => return Err(format!("{s:?} has an invalid port")),
     }
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     let ok = !host.is_empty()
         && host.len() <= 253
         && (host.parse::<std::net::IpAddr>().is_ok()
@@ -160,21 +175,31 @@ mod tests {
 
     #[test]
     fn round_trips_and_defaults() {
-        let r = EndpointRecord::decode(br#"{"service":"b","instance":"b-1","address":"b-1:15006"}"#)
-            .unwrap();
+        let r =
+            EndpointRecord::decode(br#"{"service":"b","instance":"b-1","address":"b-1:15006"}"#)
+                .unwrap();
         assert_eq!(r.weight, DEFAULT_WEIGHT);
         assert_eq!(EndpointRecord::decode(r.encode().as_bytes()).unwrap(), r);
     }
 
     #[test]
     fn rejects_bad_values() {
-        assert!(matches!(EndpointRecord::decode(b"{nope"), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            EndpointRecord::decode(b"{nope"),
+            Err(DecodeError::Json(_))
+        ));
         let big = vec![b' '; MAX_RECORD_BYTES + 1];
-        assert!(matches!(EndpointRecord::decode(&big), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(
+            EndpointRecord::decode(&big),
+            Err(DecodeError::TooLarge(_))
+        ));
         let bad_addr = br#"{"service":"b","instance":"b-1","address":"nowhere"}"#;
         assert!(matches!(
             EndpointRecord::decode(bad_addr),
-            Err(DecodeError::Field { field: "address", .. })
+            Err(DecodeError::Field {
+                field: "address",
+                ..
+            })
         ));
         let bad_port = br#"{"service":"b","instance":"b-1","address":"h:0"}"#;
         assert!(EndpointRecord::decode(bad_port).is_err());

@@ -1,0 +1,469 @@
+//! Discovery: applies the registries' typed updates and publishes routing
+//! snapshots.
+//!
+//! Each registry (and the state file) is a *source*. One task owns every
+//! source's last known endpoints, applies updates in order, merges sources
+//! by instance id (the first registry in config order wins a tie), and
+//! publishes a new [`Table`] with `ArcSwap::store`. Bursts of updates are
+//! coalesced into one table. Nothing a registry sends can empty a source
+//! except an explicit `Reset` or `Remove`; a disconnect only marks the table
+//! stale (static stability).
+
+mod persist;
+mod table;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+pub use persist::{load_state_file, state_file_path, write_state_file};
+pub use table::{Endpoint, ServiceRoutes, ServiceState, Table};
+
+use crate::balance::{EndpointState, RetryBudget};
+use crate::config::Config;
+use crate::metrics::{EndpointLabels, Metrics, RegistryLabels};
+use crate::outbound::pool::{PeerPool, PoolSettings};
+use crate::registry::{EndpointRecord, SourcedUpdate, Update};
+
+/// How many updates are applied before a table is published even if more
+/// are queued, so a flood (100k keys) still makes progress visible.
+const MAX_BATCH: usize = 4096;
+
+/// Least time between two state-file writes; the file is for restarts, not
+/// for every change.
+const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Channel depth between sources and the applier; sources block (and so
+/// pace themselves) when the applier falls behind.
+pub const UPDATE_CHANNEL: usize = 1024;
+
+/// Readiness and freshness flags shared with the admin API.
+#[derive(Debug, Default)]
+pub struct DiscoveryStatus {
+    /// A table from a registry (or the state file) has been published.
+    pub loaded: AtomicBool,
+    /// The current table is stale.
+    pub stale: AtomicBool,
+    /// Last published generation.
+    pub generation: AtomicU64,
+}
+
+/// What one source currently says.
+#[derive(Debug)]
+struct Source {
+    name: Arc<str>,
+    endpoints: BTreeMap<(String, String), Known>,
+    revision: u64,
+    connected: bool,
+    /// Has sent a full `Reset` (a complete view) at least once.
+    loaded: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Known {
+    record: EndpointRecord,
+    revision: u64,
+    seen_at: SystemTime,
+}
+
+/// The single task that owns the sources and publishes tables.
+pub struct Applier {
+    sources: Vec<Source>,
+    /// Index of the state-file pseudo source (after the registries).
+    state_source: usize,
+    endpoint_states: HashMap<Arc<str>, Arc<EndpointState>>,
+    service_states: HashMap<Arc<str>, Arc<ServiceState>>,
+    table: Arc<ArcSwap<Table>>,
+    status: Arc<DiscoveryStatus>,
+    config: Arc<Config>,
+    pool: Arc<PoolSettings>,
+    metrics: Arc<Metrics>,
+    state_file: Option<PathBuf>,
+    generation: u64,
+    dirty_since: Option<Instant>,
+    last_persist: Option<Instant>,
+    /// Endpoint-gauge label sets published last time, to zero removed ones.
+    published_gauges: Vec<EndpointLabels>,
+}
+
+// === impl Applier ===
+
+impl Applier {
+    /// An applier for `registry_names` (in config order).
+    pub fn new(
+        registry_names: Vec<Arc<str>>,
+        config: Arc<Config>,
+        pool: Arc<PoolSettings>,
+        metrics: Arc<Metrics>,
+        table: Arc<ArcSwap<Table>>,
+        status: Arc<DiscoveryStatus>,
+    ) -> Self {
+        let mut sources: Vec<Source> = registry_names.into_iter().map(Source::new).collect();
+        let state_source = sources.len();
+        sources.push(Source::new("state-file".into()));
+        let state_file = config.runtime.state_dir.as_deref().map(state_file_path);
+        Applier {
+            sources,
+            state_source,
+            endpoint_states: HashMap::new(),
+            service_states: HashMap::new(),
+            table,
+            status,
+            config,
+            pool,
+            metrics,
+            state_file,
+            generation: 0,
+            dirty_since: None,
+            last_persist: None,
+            published_gauges: Vec::new(),
+        }
+    }
+
+    /// Seed the table from the state file, so a sidecar restarted while its
+    /// registries are down still routes. The table is marked stale until
+    /// every registry has delivered a full view.
+    pub fn seed_from_state_file(&mut self) {
+        let Some(path) = self.state_file.clone() else {
+            return;
+        };
+        match load_state_file(&path) {
+            Ok(Some(records)) => {
+                tracing::info!(path = %path.display(), endpoints = records.len(), "routing from the persisted table until the registry answers");
+                let update = Update::Reset {
+                    endpoints: records,
+                    revision: 0,
+                };
+                self.apply(self.state_source, update);
+                self.publish();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable state file")
+            }
+        }
+    }
+
+    /// Apply updates until every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<SourcedUpdate>) {
+        let mut tick = tokio::time::interval(PERSIST_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut changed = self.apply(first.source, first.update);
+                    let mut n = 1;
+                    while n < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(u) => {
+                                changed |= self.apply(u.source, u.update);
+                                n += 1;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if changed {
+                        self.publish();
+                    }
+                }
+                _ = tick.tick() => self.maybe_persist(false),
+            }
+        }
+        self.maybe_persist(true);
+    }
+
+    /// Apply one update; returns whether the table must be rebuilt.
+    fn apply(&mut self, source: usize, update: Update) -> bool {
+        let Some(src) = self.sources.get_mut(source) else {
+            return false;
+        };
+        let now = SystemTime::now();
+        match update {
+            Update::Reset {
+                endpoints,
+                revision,
+            } => {
+                let mut next = BTreeMap::new();
+                for record in endpoints {
+                    let key = (record.service.clone(), record.instance.clone());
+                    // Keep `seen_at` for records that did not change, so
+                    // `/routes` ages stay meaningful across resyncs.
+                    let seen_at = match src.endpoints.get(&key) {
+                        Some(k) if k.record == record => k.seen_at,
+                        _ => now,
+                    };
+                    next.insert(
+                        key,
+                        Known {
+                            record,
+                            revision,
+                            seen_at,
+                        },
+                    );
+                }
+                src.endpoints = next;
+                src.revision = revision;
+                src.loaded = true;
+                src.connected = true;
+                if source != self.state_source {
+                    // A full read proves the registry is reachable.
+                    self.metrics
+                        .registry_connected
+                        .get_or_create(&RegistryLabels {
+                            registry: src.name.clone(),
+                        })
+                        .set(1);
+                }
+                let all_loaded = self.sources[..self.state_source].iter().all(|s| s.loaded);
+                if source != self.state_source && all_loaded {
+                    // Every registry has given a full view: the persisted
+                    // table has served its purpose.
+                    self.sources[self.state_source].endpoints.clear();
+                }
+                true
+            }
+            Update::Upsert { endpoint, revision } => {
+                if revision != 0 && revision <= src.revision {
+                    tracing::debug!(source = %src.name, revision, applied = src.revision, "dropping stale upsert");
+                    return false;
+                }
+                src.revision = src.revision.max(revision);
+                let key = (endpoint.service.clone(), endpoint.instance.clone());
+                if src.endpoints.get(&key).map(|k| &k.record) == Some(&endpoint) {
+                    return false;
+                }
+                src.endpoints.insert(
+                    key,
+                    Known {
+                        record: endpoint,
+                        revision,
+                        seen_at: now,
+                    },
+                );
+                true
+            }
+            Update::Remove {
+                service,
+                instance,
+                revision,
+            } => {
+                if revision != 0 && revision <= src.revision {
+                    return false;
+                }
+                src.revision = src.revision.max(revision);
+                src.endpoints.remove(&(service, instance)).is_some()
+            }
+            Update::Connected(up) => {
+                let labels = RegistryLabels {
+                    registry: src.name.clone(),
+                };
+                self.metrics
+                    .registry_connected
+                    .get_or_create(&labels)
+                    .set(up as i64);
+                let changed = src.connected != up;
+                src.connected = up;
+                changed
+            }
+            Update::Malformed { key, reason } => {
+                tracing::warn!(source = %src.name, key, reason, "skipped malformed registry value");
+                self.metrics
+                    .malformed_values
+                    .get_or_create(&RegistryLabels {
+                        registry: src.name.clone(),
+                    })
+                    .inc();
+                false
+            }
+        }
+    }
+
+    /// Build and publish a table from the current sources.
+    fn publish(&mut self) {
+        let now = Instant::now();
+        let config = self.config.clone();
+        let my_zone = config.service.zone.as_deref();
+        // Merge by (service, instance); the first source in order wins.
+        let mut merged: BTreeMap<(String, String), (usize, Known)> = BTreeMap::new();
+        for (i, src) in self.sources.iter().enumerate() {
+            for (key, known) in &src.endpoints {
+                if !merged.contains_key(key) {
+                    merged.insert(key.clone(), (i, known.clone()));
+                }
+            }
+        }
+        let mut by_service: HashMap<Arc<str>, Vec<Arc<Endpoint>>> = HashMap::new();
+        let mut live_addrs: HashMap<Arc<str>, ()> = HashMap::new();
+        for ((svc, _), (source, known)) in merged {
+            let addr: Arc<str> = known.record.address.as_str().into();
+            let state = self
+                .endpoint_states
+                .entry(addr.clone())
+                .or_insert_with(|| {
+                    Arc::new(EndpointState::new(
+                        addr.clone(),
+                        PeerPool::new(addr.clone(), self.pool.clone()),
+                        now,
+                    ))
+                })
+                .clone();
+            live_addrs.insert(addr, ());
+            let ep = Endpoint {
+                weight: known.record.weight,
+                local: my_zone.is_some() && known.record.zone.as_deref() == my_zone,
+                record: known.record.clone(),
+                source,
+                revision: known.revision,
+                seen_at: known.seen_at,
+                state,
+            };
+            let name = self.service_name(&svc);
+            by_service.entry(name).or_default().push(Arc::new(ep));
+        }
+        // Endpoints that left the registry lose their learned state: if they
+        // come back, a fresh registration is fresh evidence of health.
+        self.endpoint_states
+            .retain(|a, _| live_addrs.contains_key(a));
+
+        let mut services = HashMap::with_capacity(by_service.len());
+        for (name, endpoints) in by_service {
+            let shared = self.service_state(&name, now);
+            services.insert(
+                name.clone(),
+                Arc::new(ServiceRoutes {
+                    name,
+                    endpoints,
+                    rr: Default::default(),
+                    shared,
+                }),
+            );
+        }
+        let stale = self.sources[..self.state_source]
+            .iter()
+            .any(|s| !s.connected || !s.loaded)
+            || !self.sources[self.state_source].endpoints.is_empty();
+        self.generation += 1;
+        let table = Table {
+            services,
+            generation: self.generation,
+            stale,
+            built_at: Some(SystemTime::now()),
+        };
+        self.update_gauges(&table, now);
+        self.table.store(Arc::new(table));
+        self.status
+            .generation
+            .store(self.generation, Ordering::Relaxed);
+        self.status.stale.store(stale, Ordering::Relaxed);
+        self.status.loaded.store(true, Ordering::Relaxed);
+        self.metrics.table_updates.inc();
+        self.metrics.table_stale.set(stale as i64);
+        if self.sources[..self.state_source].iter().any(|s| s.loaded) {
+            self.dirty_since.get_or_insert(now);
+            self.maybe_persist(false);
+        }
+    }
+
+    fn service_name(&mut self, svc: &str) -> Arc<str> {
+        match self.service_states.get_key_value(svc) {
+            Some((k, _)) => k.clone(),
+            None => svc.into(),
+        }
+    }
+
+    fn service_state(&mut self, name: &Arc<str>, now: Instant) -> Arc<ServiceState> {
+        let policy = self.config.policy_for(name);
+        let metrics = &self.metrics;
+        self.service_states
+            .entry(name.clone())
+            .or_insert_with(|| {
+                // Publish zeroes for a new service so dashboards and alerts
+                // see "no retries" rather than "no data".
+                let labels = Metrics::service(name);
+                drop(metrics.retries.get_or_create(&labels));
+                drop(metrics.ejections.get_or_create(&labels));
+                drop(metrics.retry_budget_exhausted.get_or_create(&labels));
+                Arc::new(ServiceState {
+                    budget: RetryBudget::new(
+                        policy.retry_budget_percent,
+                        policy.retry_budget_min_per_sec,
+                        now,
+                    ),
+                    in_flight: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    fn update_gauges(&mut self, table: &Table, now: Instant) {
+        let mut next = Vec::with_capacity(table.services.len() * 2);
+        for (name, routes) in &table.services {
+            let ejected = routes
+                .endpoints
+                .iter()
+                .filter(|e| e.state.is_ejected(now))
+                .count();
+            for (state, n) in [
+                ("healthy", routes.endpoints.len() - ejected),
+                ("ejected", ejected),
+            ] {
+                let labels = EndpointLabels {
+                    service: name.clone(),
+                    state,
+                };
+                self.metrics.endpoints.get_or_create(&labels).set(n as i64);
+                next.push(labels);
+            }
+        }
+        for old in self.published_gauges.drain(..) {
+            if !next.contains(&old) {
+                self.metrics.endpoints.remove(&old);
+            }
+        }
+        self.published_gauges = next;
+    }
+
+    fn maybe_persist(&mut self, force: bool) {
+        let (Some(path), Some(since)) = (self.state_file.clone(), self.dirty_since) else {
+            return;
+        };
+        let now = Instant::now();
+        let due = self
+            .last_persist
+            .is_none_or(|t| now.duration_since(t) >= PERSIST_INTERVAL);
+        if !(force || due) {
+            return;
+        }
+        let _ = since;
+        let table = self.table.load();
+        let records: Vec<EndpointRecord> = table
+            .services
+            .values()
+            .flat_map(|s| s.endpoints.iter().map(|e| e.record.clone()))
+            .collect();
+        if let Err(e) = write_state_file(&path, &records) {
+            tracing::warn!(path = %path.display(), error = %e, "could not persist routing table");
+        }
+        self.last_persist = Some(now);
+        self.dirty_since = None;
+    }
+}
+
+impl Source {
+    fn new(name: Arc<str>) -> Self {
+        Source {
+            name,
+            endpoints: BTreeMap::new(),
+            revision: 0,
+            connected: false,
+            loaded: false,
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Header hygiene applied at every hop.
+//!
+//! Hop-by-hop fields (RFC 9110 §7.6.1) describe one connection, so relaying
+//! them would let a client steer the next connection (or smuggle framing
+//! through it). They are removed together with every field the `Connection`
+//! header names. `te: trailers` is the one survivor: gRPC needs it end to end.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The sidecar's own headers; anything with this prefix arriving from outside
+/// the mesh is dropped so it cannot be spoofed.
+pub const OUTRIGGER_PREFIX: &str = "x-outrigger-";
+/// Names the calling service; set by the caller's sidecar (or, with mTLS, from
+/// the verified client certificate).
+pub const CALLER: HeaderName = HeaderName::from_static("x-outrigger-caller");
+/// Says which stage failed when the sidecar itself produced an error.
+pub const ERROR: HeaderName = HeaderName::from_static("x-outrigger-error");
+/// The caller's original protocol when the sidecar hop upgraded it to
+/// HTTP/2, so the far side speaks the same protocol to its service.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-outrigger-orig-proto");
+/// Request id, added when missing so one call can be followed across hops.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Appended with the client address at each hop.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Marks a POST (or other) request safe to retry.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Fixed hop-by-hop fields (RFC 9110 §7.6.1 plus the de-facto ones).
+/// `Trailer` is deliberately absent: RFC 9110 made it end-to-end, and an
+/// HTTP/1.1 hop only emits trailers when the response declares them.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Remove hop-by-hop headers and the fields `Connection` names. `TE` is
+/// reduced to `trailers` when it listed it, and dropped otherwise.
+///
+/// When `keep_upgrade` is set (a WebSocket or other upgrade being relayed),
+/// `Connection: upgrade` and `Upgrade` are kept, because the next hop needs
+/// them to perform the same upgrade.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Fast path: most requests carry none of these, and checking is cheaper
+    // than removing (each remove hashes the name).
+    let te_trailers = te_has_trailers(headers);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if keep_upgrade && name == header::UPGRADE {
+                continue;
+            }
+            headers.remove(&name);
+        }
+    }
+    for name in HOP_BY_HOP.iter() {
+        if keep_upgrade && (*name == header::CONNECTION || *name == header::UPGRADE) {
+            continue;
+        }
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+    if headers.contains_key(header::TE) {
+        headers.remove(header::TE);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn te_has_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Whether the request asks for a protocol upgrade (WebSocket et al.).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Remove every `x-outrigger-*` header (requests from outside the mesh).
+pub fn strip_outrigger_headers(headers: &mut HeaderMap) {
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(OUTRIGGER_PREFIX))
+        .cloned()
+        .collect();
+    for name in spoofed {
+        headers.remove(name);
+    }
+}
+
+/// Ensure `x-request-id` is present; returns it for logging.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&REQUEST_ID) {
+        return v.clone();
+    }
+    let id = new_request_id();
+    headers.insert(REQUEST_ID, id.clone());
+    id
+}
+
+/// A random 128-bit id, hex encoded (the W3C trace-id shape).
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    let n = fastrand::u128(..);
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> (i * 4)) & 0xf) as usize];
+    }
+    // 32 ASCII hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Append the client address to `x-forwarded-for`.
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+    let ip = client.to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// Replace `x-forwarded-for` with the client address: a client outside the
+/// mesh cannot vouch for addresses before it.
+pub fn reset_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_fields() {
+        let mut h = map(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "basic x"),
+            ("te", "gzip, trailers"),
+            ("traceparent", "00-abc-def-01"),
+            ("x-keep", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} survived");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["traceparent"], "00-abc-def-01");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn te_without_trailers_is_dropped() {
+        let mut h = map(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("te"));
+    }
+
+    #[test]
+    fn upgrade_headers_survive_when_relaying_an_upgrade() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn request_id_added_once() {
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(ensure_request_id(&mut h), id);
+    }
+
+    #[test]
+    fn forwarded_for_appends_or_resets() {
+        let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        reset_forwarded_for(&mut h, "10.0.0.2".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.2");
+    }
+
+    #[test]
+    fn outrigger_headers_from_outside_are_dropped() {
+        let mut h = map(&[("x-outrigger-caller", "admin"), ("x-other", "1")]);
+        strip_outrigger_headers(&mut h);
+        assert!(!h.contains_key("x-outrigger-caller"));
+        assert!(h.contains_key("x-other"));
+    }
+}

@@ -1,0 +1,138 @@
+//! Accept loop and per-connection HTTP setup shared by all listeners.
+//!
+//! Every listener gets the same protections: a cap on open connections (a
+//! semaphore acquired *before* accepting, so excess clients wait in the
+//! kernel backlog instead of costing us memory), a header read timeout
+//! against slowloris, header size and count limits (431 beyond), a cap on
+//! concurrent HTTP/2 streams, and exponential backoff when `accept` fails
+//! (e.g. EMFILE), as mini-redis does. On shutdown the loop stops accepting
+//! and in-flight connections get `drain_timeout` to finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use super::Body;
+use crate::config::Limits;
+
+/// Smallest read buffer hyper accepts; the header limit cannot go below it.
+const HYPER_MIN_BUF: usize = 8192;
+
+/// First backoff after a failed accept; doubles up to [`MAX_ACCEPT_BACKOFF`].
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+/// Cap on accept backoff, so a transient fd shortage heals within a second.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// HTTP/2 keepalive towards clients: detects dead client connections so
+/// their streams (and the upstream work behind them) are released.
+const H2_SERVER_KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// Build the connection builder for a listener from the configured limits.
+pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
+        .keep_alive_interval(H2_SERVER_KEEPALIVE)
+        .keep_alive_timeout(Duration::from_secs(10))
+        // Rapid-reset (CVE-2023-44487) guard: cap streams reset before
+        // being accepted. h2's default is 20; keep it explicit.
+        .max_pending_accept_reset_streams(20);
+    b
+}
+
+/// Serve `listener` until `shutdown` flips to true, then drain.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    name: &'static str,
+    limits: Limits,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let builder = Arc::new(builder(&limits));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut backoff = MIN_ACCEPT_BACKOFF;
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stopped(&mut shutdown) => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(conn) => {
+                backoff = MIN_ACCEPT_BACKOFF;
+                conn
+            }
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        // Small request/response messages must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let fut = handler(req, remote);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(listener = name, peer = %remote, error = %e, "connection ended with error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::debug!(
+        listener = name,
+        open = graceful.count(),
+        "listener closed; draining"
+    );
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = name,
+            "drain timeout reached; closing remaining connections"
+        );
+    }
+}
+
+/// Resolves once `rx` holds `true` (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

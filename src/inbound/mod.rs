@@ -1,0 +1,227 @@
+//! Inbound: calls from peer sidecars (and, on the ingress listener, from
+//! clients outside the mesh) to the local service.
+//!
+//! The local service is reached over a keep-alive pool. The protocol follows
+//! the original caller's: the calling sidecar marks requests that started as
+//! HTTP/1.1 (`x-outrigger-orig-proto`), and everything else (gRPC, h2c) goes
+//! out as HTTP/2. Upgrades get a dedicated HTTP/1.1 connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::http::error::respond;
+use crate::http::headers::{self, CALLER, ORIG_PROTO};
+use crate::http::{Body, ProxyError};
+use crate::metrics::Metrics;
+use crate::outbound::error_chain;
+
+/// Connect deadline to the local service: it is on loopback, so anything
+/// slower than this means it is not listening.
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Idle pooled connections to the local service are closed after this.
+const LOCAL_POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a peer sidecar.
+    Inbound,
+    /// From outside the mesh: nothing it says about identity is trusted.
+    Ingress,
+}
+
+/// Shared state of the inbound and ingress listeners.
+pub struct Inbound {
+    local: String,
+    http1: Client<HttpConnector, Body>,
+    http2: Client<HttpConnector, Body>,
+    metrics: Arc<Metrics>,
+    service: Arc<str>,
+}
+
+// === impl Inbound ===
+
+impl Inbound {
+    /// Relay to the local service configured in `config`.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(LOCAL_CONNECT_TIMEOUT));
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(LOCAL_POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .set_host(false)
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(LOCAL_POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .set_host(false)
+            .build(connector);
+        Inbound {
+            local: config.service.address.clone(),
+            http1,
+            http2,
+            metrics,
+            service: config.service.name.as_str().into(),
+        }
+    }
+
+    /// Handle one request from a peer (or an outside client).
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        remote: SocketAddr,
+        direction: Direction,
+    ) -> Response<Body> {
+        let start = Instant::now();
+        let label = match direction {
+            Direction::Inbound => "inbound",
+            Direction::Ingress => "ingress",
+        };
+        if direction == Direction::Ingress {
+            // Outside the mesh: identity and forwarding claims are spoofable.
+            headers::strip_outrigger_headers(req.headers_mut());
+            headers::reset_forwarded_for(req.headers_mut(), remote.ip());
+        }
+        let request_id = headers::ensure_request_id(req.headers_mut());
+        let res = match self.relay(req, &request_id).await {
+            Ok(r) => r,
+            Err(e) => respond(&e, &request_id, label),
+        };
+        self.metrics
+            .record_request(label, &self.service, res.status().as_u16(), start.elapsed());
+        res
+    }
+
+    async fn relay(
+        &self,
+        mut req: Request<Incoming>,
+        request_id: &HeaderValue,
+    ) -> Result<Response<Body>, ProxyError> {
+        let upgrade = headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        let wants_h1 = parts.version != Version::HTTP_2 || parts.headers.contains_key(ORIG_PROTO);
+        parts.headers.remove(ORIG_PROTO);
+        if !parts.headers.contains_key(http::header::HOST) {
+            // HTTP/2 carried the caller's Host as :authority.
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    parts.headers.insert(http::header::HOST, v);
+                }
+            }
+        }
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+
+        if let Some(client_upgrade) = client_upgrade {
+            parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+            parts.version = Version::HTTP_11;
+            return self
+                .relay_upgrade(parts, body, client_upgrade, request_id)
+                .await;
+        }
+
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(self.local.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ProxyError::LocalUpstream {
+                address: self.local.clone(),
+                message: format!("bad request target: {e}"),
+            })?;
+        let client = if wants_h1 {
+            parts.version = Version::HTTP_11;
+            &self.http1
+        } else {
+            parts.version = Version::HTTP_2;
+            &self.http2
+        };
+        let req = Request::from_parts(parts, Body::incoming(body));
+        match client.request(req).await {
+            Ok(res) => {
+                let (mut parts, body) = res.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers, false);
+                Ok(Response::from_parts(parts, Body::incoming(body)))
+            }
+            Err(e) if e.is_connect() => Err(ProxyError::LocalConnect {
+                address: self.local.clone(),
+                message: error_chain(&e),
+            }),
+            Err(e) => Err(ProxyError::LocalUpstream {
+                address: self.local.clone(),
+                message: error_chain(&e),
+            }),
+        }
+    }
+
+    async fn relay_upgrade(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        request_id: &HeaderValue,
+    ) -> Result<Response<Body>, ProxyError> {
+        let connect_err = |message: String| ProxyError::LocalConnect {
+            address: self.local.clone(),
+            message,
+        };
+        let stream = tokio::time::timeout(
+            LOCAL_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&self.local),
+        )
+        .await
+        .map_err(|_| connect_err("connect timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let mut res = sender
+            .send_request(Request::from_parts(parts, Body::incoming(body)))
+            .await
+            .map_err(|e| ProxyError::LocalUpstream {
+                address: self.local.clone(),
+                message: error_chain(&e),
+            })?;
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = hyper::upgrade::on(&mut res);
+            crate::http::upgrade::splice(
+                client_upgrade,
+                upstream,
+                request_id.to_str().unwrap_or("-").to_owned(),
+            );
+            let (parts, _) = res.into_parts();
+            return Ok(Response::from_parts(parts, Body::empty()));
+        }
+        let (mut parts, body) = res.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(parts, Body::incoming(body)))
+    }
+}
+
+/// The identity header a peer claims (plaintext mesh) — kept for the local
+/// service; with mTLS it is replaced from the verified certificate.
+pub fn caller_of<B>(req: &Request<B>) -> Option<&str> {
+    req.headers().get(CALLER).and_then(|v| v.to_str().ok())
+}

@@ -1,0 +1,281 @@
+//! Prometheus metrics (`prometheus-client`), served by the admin listener.
+//!
+//! Label values are `Arc<str>` and `&'static str` so recording a request
+//! clones pointers rather than allocating strings.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets in seconds: sub-millisecond resolution for the mesh hop,
+/// up to the default 15 s overall timeout.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0,
+];
+
+/// `requests_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `outbound`, `inbound` or `ingress`.
+    pub direction: &'static str,
+    /// Target service (outbound) or the local service (inbound).
+    pub service: Arc<str>,
+    /// Response status.
+    pub code: u16,
+}
+
+/// `request_duration_seconds` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    /// `outbound`, `inbound` or `ingress`.
+    pub direction: &'static str,
+    /// Service.
+    pub service: Arc<str>,
+}
+
+/// Per-service labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// Service.
+    pub service: Arc<str>,
+}
+
+/// `endpoints` gauge labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Service.
+    pub service: Arc<str>,
+    /// `healthy` or `ejected`.
+    pub state: &'static str,
+}
+
+/// Per-registry labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    /// Registry index and kind, e.g. `0-etcd`.
+    pub registry: Arc<str>,
+}
+
+/// Registry operation failure labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryOpLabels {
+    /// Registry index and kind.
+    pub registry: Arc<str>,
+    /// `register`, `withdraw`, `deregister`.
+    pub op: &'static str,
+}
+
+/// All metrics of one sidecar.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by direction, service and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency (to response headers).
+    pub duration: Family<DurationLabels, Histogram>,
+    /// Endpoints per service and state.
+    pub endpoints: Family<EndpointLabels, Gauge>,
+    /// Retries sent.
+    pub retries: Family<ServiceLabels, Counter>,
+    /// Retries refused by the budget.
+    pub retry_budget_exhausted: Family<ServiceLabels, Counter>,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: Family<ServiceLabels, Counter>,
+    /// Picks made while the panic threshold was in force.
+    pub panic_routing: Family<ServiceLabels, Counter>,
+    /// Requests refused by a circuit breaker.
+    pub overloaded: Family<ServiceLabels, Counter>,
+    /// Requests for services not in the table.
+    pub unknown_service: Counter,
+    /// 1 while the registry is reachable.
+    pub registry_connected: Family<RegistryLabels, Gauge>,
+    /// 1 while our instance is registered there.
+    pub registered: Family<RegistryLabels, Gauge>,
+    /// Failed registry operations.
+    pub registry_errors: Family<RegistryOpLabels, Counter>,
+    /// Malformed registry values skipped.
+    pub malformed_values: Family<RegistryLabels, Counter>,
+    /// Routing tables published.
+    pub table_updates: Counter,
+    /// 1 while the table is stale (a registry is down, or loaded from the
+    /// state file).
+    pub table_stale: Gauge,
+    /// 1 while the local service passes its probe.
+    pub local_healthy: Gauge,
+    /// Resident memory in bytes, sampled at scrape time.
+    pub resident_memory: Gauge,
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outrigger");
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(LATENCY_BUCKETS.iter().copied())
+            }),
+            endpoints: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            ejections: Family::default(),
+            panic_routing: Family::default(),
+            overloaded: Family::default(),
+            unknown_service: Counter::default(),
+            registry_connected: Family::default(),
+            registered: Family::default(),
+            registry_errors: Family::default(),
+            malformed_values: Family::default(),
+            table_updates: Counter::default(),
+            table_stale: Gauge::default(),
+            local_healthy: Gauge::default(),
+            resident_memory: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "requests",
+            "Requests relayed, by direction, service and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time to response headers",
+            m.duration.clone(),
+        );
+        r.register(
+            "endpoints",
+            "Endpoints per service and state",
+            m.endpoints.clone(),
+        );
+        r.register("retries", "Retries sent", m.retries.clone());
+        r.register(
+            "retry_budget_exhausted",
+            "Retries refused by the retry budget",
+            m.retry_budget_exhausted.clone(),
+        );
+        r.register(
+            "ejections",
+            "Endpoints ejected by passive outlier detection",
+            m.ejections.clone(),
+        );
+        r.register(
+            "panic_routing",
+            "Picks made below the panic threshold (ejections ignored)",
+            m.panic_routing.clone(),
+        );
+        r.register(
+            "overloaded",
+            "Requests refused by a concurrency limit",
+            m.overloaded.clone(),
+        );
+        r.register(
+            "unknown_service",
+            "Requests for services not in the routing table",
+            m.unknown_service.clone(),
+        );
+        r.register(
+            "registry_connected",
+            "1 while the registry is reachable",
+            m.registry_connected.clone(),
+        );
+        r.register(
+            "registered",
+            "1 while this instance is registered",
+            m.registered.clone(),
+        );
+        r.register(
+            "registry_errors",
+            "Failed registry operations",
+            m.registry_errors.clone(),
+        );
+        r.register(
+            "registry_malformed_values",
+            "Malformed registry values skipped",
+            m.malformed_values.clone(),
+        );
+        r.register(
+            "routing_table_updates",
+            "Routing tables published",
+            m.table_updates.clone(),
+        );
+        r.register(
+            "routing_table_stale",
+            "1 while routing on a stale table",
+            m.table_stale.clone(),
+        );
+        r.register(
+            "local_service_healthy",
+            "1 while the local service passes its probe",
+            m.local_healthy.clone(),
+        );
+        r.register(
+            "resident_memory_bytes",
+            "Resident set size",
+            m.resident_memory.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Count one finished request.
+    pub fn record_request(
+        &self,
+        direction: &'static str,
+        service: &Arc<str>,
+        code: u16,
+        elapsed: std::time::Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                service: service.clone(),
+                code,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&DurationLabels {
+                direction,
+                service: service.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Per-service label set.
+    pub fn service(service: &Arc<str>) -> ServiceLabels {
+        ServiceLabels {
+            service: service.clone(),
+        }
+    }
+
+    /// Render the Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        if let Some(rss) = resident_memory_bytes() {
+            self.resident_memory.set(rss as i64);
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// RSS from `/proc/self/statm` (Linux); `None` elsewhere.
+pub fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,547 @@
+//! Outbound: calls from the local service to its peers.
+//!
+//! The request path, in order (each step is a function below):
+//! 1. **target** — which service the request names ([`route`]);
+//! 2. **lookup** — one `ArcSwap` load of the routing snapshot;
+//! 3. **prepare** — header hygiene, request id, caller identity, and keeping
+//!    small bodies so they can be retried ([`retry`]);
+//! 4. **try loop** — pick an endpoint ([`crate::balance`]), get a pooled
+//!    connection ([`pool`]), send; connect failures go straight to another
+//!    endpoint, gateway failures are retried when safe and the budget
+//!    allows; every outcome feeds outlier detection;
+//! 5. **respond** — the upstream's response, streaming, with the endpoint's
+//!    load held until its body ends; or a sidecar error through
+//!    [`crate::http::error::respond`].
+
+pub mod pool;
+pub mod retry;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::balance::{self, Failure, PickError};
+use crate::config::{Config, UpstreamPolicy};
+use crate::discovery::{ServiceRoutes, Table};
+use crate::http::error::respond;
+use crate::http::headers::{self, CALLER, ORIG_PROTO};
+use crate::http::{Body, ProxyError};
+use crate::metrics::Metrics;
+use retry::ReqBody;
+
+/// Label used for requests to services not in the table, so a caller
+/// inventing host names cannot blow up metric cardinality.
+const UNKNOWN_SERVICE_LABEL: &str = "unknown";
+
+/// Shared state of the outbound side.
+pub struct Outbound {
+    table: Arc<ArcSwap<Table>>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    /// `x-outrigger-caller` value: our own service name.
+    caller: HeaderValue,
+    unknown_label: Arc<str>,
+}
+
+/// Counts a request against its service's concurrency limit until dropped.
+struct ServiceSlot<'a>(&'a ServiceRoutes);
+
+impl Drop for ServiceSlot<'_> {
+    fn drop(&mut self) {
+        self.0.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What one try produced.
+enum TryOutcome {
+    /// A response to return (possibly a 5xx we may not retry).
+    Response(Response<Body>),
+    /// The try failed; retry if `retry_ok`, else answer with the error.
+    Failed { err: ProxyError, retry_ok: bool },
+    /// The endpoint answered 502/503/504 and a retry is allowed; if no
+    /// other endpoint is left, this response is what the caller gets.
+    RetryableResponse(Response<Body>),
+}
+
+// === impl Outbound ===
+
+impl Outbound {
+    /// Outbound state over the shared routing table.
+    pub fn new(table: Arc<ArcSwap<Table>>, config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
+        let caller = HeaderValue::from_str(&config.service.name)
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        Outbound {
+            table,
+            config,
+            metrics,
+            caller,
+            unknown_label: UNKNOWN_SERVICE_LABEL.into(),
+        }
+    }
+
+    /// Handle one request from the local service. `fixed` is the service of
+    /// an `[[upstreams]] local_port` listener.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+        fixed: Option<Arc<str>>,
+    ) -> Response<Body> {
+        let start = Instant::now();
+        let mut req = req;
+        let request_id = headers::ensure_request_id(req.headers_mut());
+
+        // 1. target
+        let service: Arc<str> = match fixed {
+            Some(s) => s,
+            None => match route::target_service(&req, &self.config.outbound.mesh_domain) {
+                Ok(s) => s.into(),
+                Err(e) => {
+                    return self.finish(
+                        respond(&e, &request_id, "outbound"),
+                        &self.unknown_label,
+                        start,
+                    )
+                }
+            },
+        };
+        // 2. lookup
+        let table = self.table.load_full();
+        let Some(routes) = table.get(&service).cloned() else {
+            self.metrics.unknown_service.inc();
+            let e = ProxyError::UnknownService(service.to_string());
+            return self.finish(
+                respond(&e, &request_id, "outbound"),
+                &self.unknown_label,
+                start,
+            );
+        };
+        let label = routes.name.clone();
+        let res = self.relay(req, remote, &routes, &request_id, start).await;
+        let res = match res {
+            Ok(r) => r,
+            Err(e) => respond(&e, &request_id, "outbound"),
+        };
+        self.finish(res, &label, start)
+    }
+
+    fn finish(&self, res: Response<Body>, service: &Arc<str>, start: Instant) -> Response<Body> {
+        self.metrics
+            .record_request("outbound", service, res.status().as_u16(), start.elapsed());
+        res
+    }
+
+    async fn relay(
+        &self,
+        mut req: Request<Incoming>,
+        remote: SocketAddr,
+        routes: &Arc<ServiceRoutes>,
+        request_id: &HeaderValue,
+        start: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let policy = self.config.policy_for(&routes.name);
+        let service = &routes.name;
+
+        // Circuit breaker for the whole upstream.
+        let prev = routes.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _slot = ServiceSlot(routes);
+        if prev >= policy.max_requests as u64 {
+            self.metrics
+                .overloaded
+                .get_or_create(&Metrics::service(service))
+                .inc();
+            return Err(ProxyError::Overloaded(service.to_string()));
+        }
+        routes.shared.budget.deposit(start);
+
+        // 3. prepare
+        let upgrade = headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        headers::append_forwarded_for(&mut parts.headers, remote.ip());
+        parts.headers.insert(CALLER, self.caller.clone());
+        parts.headers.remove(ORIG_PROTO);
+        if parts.version != Version::HTTP_2 {
+            parts
+                .headers
+                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        }
+        let authority = authority_of(&parts, service);
+        let deadline = start + policy.timeout;
+
+        if let Some(client_upgrade) = client_upgrade {
+            return self
+                .relay_upgrade(parts, body, client_upgrade, routes, policy, request_id)
+                .await;
+        }
+
+        parts.uri = absolute_uri(&parts.uri, &authority)?;
+        parts.version = Version::HTTP_2;
+        // Over HTTP/2 the authority travels as :authority.
+        parts.headers.remove(http::header::HOST);
+
+        let idempotent = retry::is_idempotent(&parts.method, &parts.headers);
+        let mut body = match tokio::time::timeout_at(deadline, retry::prepare(body)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                return Err(ProxyError::Upstream {
+                    service: service.to_string(),
+                    endpoint: "-".into(),
+                    message: format!("reading the request body: {e}"),
+                })
+            }
+            Err(_) => return Err(self.timeout(service, policy)),
+        };
+
+        // 4. try loop
+        let mut tried: Vec<usize> = Vec::new();
+        let mut retries = 0u32;
+        let mut pending: Option<Request<Body>> = None;
+        let mut last_err: Option<ProxyError> = None;
+        // The last retryable 5xx: returned as-is when no endpoint is left,
+        // so the caller sees the upstream's own answer, not ours.
+        let mut last_response: Option<Response<Body>> = None;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.timeout(service, policy));
+            }
+            let pick = match balance::pick(&routes.endpoints, policy, &routes.rr, &tried, now) {
+                Ok(p) => p,
+                Err(PickError::NoEndpoints) => {
+                    return Err(ProxyError::NoEndpoints(service.to_string()))
+                }
+                Err(PickError::Overloaded) => {
+                    self.metrics
+                        .overloaded
+                        .get_or_create(&Metrics::service(service))
+                        .inc();
+                    return Err(last_err.unwrap_or(ProxyError::Overloaded(service.to_string())));
+                }
+                Err(PickError::Exhausted) => {
+                    if let Some(res) = last_response {
+                        return Ok(res);
+                    }
+                    return Err(last_err.unwrap_or(ProxyError::NoEndpoints(service.to_string())));
+                }
+            };
+            if pick.panic {
+                self.metrics
+                    .panic_routing
+                    .get_or_create(&Metrics::service(service))
+                    .inc();
+            }
+            tried.push(pick.index);
+            let ep = &routes.endpoints[pick.index];
+
+            // Connect (or reuse). A failure here means nothing was sent.
+            let sender =
+                tokio::time::timeout_at(deadline, ep.state.pool.get(policy.connect_timeout)).await;
+            let mut sender = match sender {
+                Err(_) => return Err(self.timeout(service, policy)),
+                Ok(Err(e)) => {
+                    tracing::debug!(request_id = ?request_id, endpoint = %ep.state.addr, error = %e, "connect failed; trying another endpoint");
+                    self.record_failure(routes, pick.index, Failure::Connect, policy);
+                    last_err = Some(ProxyError::Connect {
+                        service: service.to_string(),
+                        endpoint: ep.state.addr.to_string(),
+                        message: e.message,
+                    });
+                    continue;
+                }
+                Ok(Ok(s)) => s,
+            };
+            ep.state.record_connected();
+
+            let request = match pending.take() {
+                Some(r) => r,
+                None => match build_try(&parts, &mut body) {
+                    Some(r) => r,
+                    // A streaming body already went out: cannot resend.
+                    None => {
+                        return Err(last_err.unwrap_or(ProxyError::NoEndpoints(service.to_string())))
+                    }
+                },
+            };
+            let guard = ep.state.start();
+            let sent_at = Instant::now();
+            let try_deadline = match policy.per_try_timeout {
+                Some(t) => deadline.min(sent_at + t),
+                None => deadline,
+            };
+            let outcome =
+                match tokio::time::timeout_at(try_deadline, sender.try_send_request(request)).await
+                {
+                    Ok(Ok(res)) => {
+                        let status = res.status();
+                        if status.is_server_error() {
+                            self.record_failure(routes, pick.index, Failure::Gateway, policy);
+                        } else {
+                            ep.state.record_success(sent_at.elapsed(), Instant::now());
+                        }
+                        if retry::is_retryable_status(status)
+                            && idempotent
+                            && matches!(body, ReqBody::Kept(_))
+                            && tried.len() < routes.endpoints.len()
+                            && self.may_retry(routes, retries, policy)
+                        {
+                            TryOutcome::RetryableResponse(into_response(res, guard))
+                        } else {
+                            TryOutcome::Response(into_response(res, guard))
+                        }
+                    }
+                    Ok(Err(mut e)) => {
+                        if let Some(unsent) = e.take_message() {
+                            // Refused before any byte left: safe for any method.
+                            ep.state.pool.invalidate();
+                            self.record_failure(routes, pick.index, Failure::Connect, policy);
+                            pending = Some(unsent);
+                            last_err = Some(ProxyError::Connect {
+                                service: service.to_string(),
+                                endpoint: ep.state.addr.to_string(),
+                                message: e.error().to_string(),
+                            });
+                            continue;
+                        }
+                        let e = e.into_error();
+                        self.record_failure(routes, pick.index, Failure::Gateway, policy);
+                        if e.is_closed() || e.is_canceled() {
+                            ep.state.pool.invalidate();
+                        }
+                        let err = ProxyError::Upstream {
+                            service: service.to_string(),
+                            endpoint: ep.state.addr.to_string(),
+                            message: error_chain(&e),
+                        };
+                        let retry_ok = idempotent
+                            && matches!(body, ReqBody::Kept(_))
+                            && self.may_retry(routes, retries, policy);
+                        TryOutcome::Failed { err, retry_ok }
+                    }
+                    Err(_) => {
+                        self.record_failure(routes, pick.index, Failure::Gateway, policy);
+                        let err = self.timeout(service, policy);
+                        let retry_ok = Instant::now() < deadline
+                            && idempotent
+                            && matches!(body, ReqBody::Kept(_))
+                            && self.may_retry(routes, retries, policy);
+                        TryOutcome::Failed { err, retry_ok }
+                    }
+                };
+            match outcome {
+                TryOutcome::Response(res) => return Ok(res),
+                TryOutcome::RetryableResponse(res) => {
+                    retries += 1;
+                    self.metrics
+                        .retries
+                        .get_or_create(&Metrics::service(service))
+                        .inc();
+                    tracing::debug!(request_id = ?request_id, status = %res.status(), retries, "retrying on another endpoint");
+                    last_response = Some(res);
+                }
+                TryOutcome::Failed {
+                    err,
+                    retry_ok: true,
+                } => {
+                    retries += 1;
+                    self.metrics
+                        .retries
+                        .get_or_create(&Metrics::service(service))
+                        .inc();
+                    tracing::debug!(request_id = ?request_id, error = %err, retries, "retrying on another endpoint");
+                    last_err = Some(err);
+                }
+                TryOutcome::Failed {
+                    err,
+                    retry_ok: false,
+                } => return Err(err),
+            }
+        }
+    }
+
+    /// Retries left and budget available (taking one from the budget).
+    fn may_retry(&self, routes: &ServiceRoutes, used: u32, policy: &UpstreamPolicy) -> bool {
+        if used >= policy.retries {
+            return false;
+        }
+        if routes.shared.budget.try_withdraw(Instant::now()) {
+            return true;
+        }
+        self.metrics
+            .retry_budget_exhausted
+            .get_or_create(&Metrics::service(&routes.name))
+            .inc();
+        false
+    }
+
+    fn record_failure(
+        &self,
+        routes: &ServiceRoutes,
+        index: usize,
+        kind: Failure,
+        policy: &UpstreamPolicy,
+    ) {
+        let now = Instant::now();
+        let may = balance::may_eject(&routes.endpoints, policy.outlier.max_ejection_percent, now);
+        let ep = &routes.endpoints[index];
+        if let Some(time) = ep.state.record_failure(kind, now, &policy.outlier, may) {
+            ep.state.pool.invalidate();
+            self.metrics
+                .ejections
+                .get_or_create(&Metrics::service(&routes.name))
+                .inc();
+            tracing::warn!(
+                service = %routes.name,
+                endpoint = %ep.state.addr,
+                instance = %ep.record.instance,
+                ejected_for_s = time.as_secs(),
+                cause = ?kind,
+                "ejecting endpoint"
+            );
+        }
+    }
+
+    fn timeout(&self, service: &str, policy: &UpstreamPolicy) -> ProxyError {
+        ProxyError::Timeout {
+            service: service.to_string(),
+            after_ms: policy.timeout.as_millis() as u64,
+        }
+    }
+
+    /// Relay a protocol upgrade (WebSocket) over a dedicated HTTP/1.1
+    /// connection: HTTP/2 between sidecars cannot carry `Upgrade`.
+    async fn relay_upgrade(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+        routes: &Arc<ServiceRoutes>,
+        policy: &UpstreamPolicy,
+        request_id: &HeaderValue,
+    ) -> Result<Response<Body>, ProxyError> {
+        let service = &routes.name;
+        let mut tried = Vec::new();
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map(|pq| Uri::from(pq.clone()))
+            .unwrap_or_else(|| Uri::from_static("/"));
+        parts.version = Version::HTTP_11;
+        let mut last_err = None;
+        let mut body = Some(body);
+        loop {
+            let now = Instant::now();
+            let pick = match balance::pick(&routes.endpoints, policy, &routes.rr, &tried, now) {
+                Ok(p) => p,
+                Err(_) => {
+                    return Err(last_err.unwrap_or(ProxyError::NoEndpoints(service.to_string())))
+                }
+            };
+            tried.push(pick.index);
+            let ep = &routes.endpoints[pick.index];
+            let mut sender = match ep.state.pool.connect_http1(policy.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    self.record_failure(routes, pick.index, Failure::Connect, policy);
+                    last_err = Some(ProxyError::Connect {
+                        service: service.to_string(),
+                        endpoint: ep.state.addr.to_string(),
+                        message: e.message,
+                    });
+                    continue;
+                }
+            };
+            let Some(b) = body.take() else {
+                return Err(last_err.unwrap_or(ProxyError::NoEndpoints(service.to_string())));
+            };
+            let req = Request::from_parts(clone_parts(&parts), Body::incoming(b));
+            let mut res = sender
+                .send_request(req)
+                .await
+                .map_err(|e| ProxyError::Upstream {
+                    service: service.to_string(),
+                    endpoint: ep.state.addr.to_string(),
+                    message: error_chain(&e),
+                })?;
+            if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream_upgrade = hyper::upgrade::on(&mut res);
+                crate::http::upgrade::splice(
+                    client_upgrade,
+                    upstream_upgrade,
+                    request_id.to_str().unwrap_or("-").to_owned(),
+                );
+                let (parts, _) = res.into_parts();
+                return Ok(Response::from_parts(parts, Body::empty()));
+            }
+            let guard = ep.state.start();
+            return Ok(into_response(res, guard));
+        }
+    }
+}
+
+/// The authority to forward with: the absolute URI's, else the Host
+/// header's, else the service name.
+fn authority_of(parts: &http::request::Parts, service: &str) -> String {
+    if let Some(a) = parts.uri.authority() {
+        return a.as_str().to_owned();
+    }
+    parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| service.to_owned())
+}
+
+fn absolute_uri(uri: &Uri, authority: &str) -> Result<Uri, ProxyError> {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::BadTarget(authority.to_owned()))
+}
+
+/// Build the request for one try, or `None` if the body cannot be resent.
+fn build_try(parts: &http::request::Parts, body: &mut ReqBody) -> Option<Request<Body>> {
+    let body = match body {
+        ReqBody::Kept(b) => Body::full(b.clone()),
+        ReqBody::Stream(s) => Body::incoming(s.take()?),
+    };
+    Some(Request::from_parts(clone_parts(parts), body))
+}
+
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
+}
+
+fn into_response(res: Response<Incoming>, guard: balance::LoadGuard) -> Response<Body> {
+    let (mut parts, body) = res.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(parts, Body::incoming(body).with_guard(guard))
+}
+
+/// hyper's errors keep the useful part in their source chain.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

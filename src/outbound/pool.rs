@@ -1,0 +1,312 @@
+//! Connections to one peer sidecar.
+//!
+//! Between sidecars we multiplex requests over one HTTP/2 connection per
+//! endpoint (linkerd2-proxy's choice). HTTP/2 gives us two failure detectors
+//! that HTTP/1.1 cannot:
+//!
+//! * **Handshake-confirmed connects.** A stopped (SIGSTOPped, hung) process
+//!   still has its TCP connections accepted by the kernel, so "connected"
+//!   means nothing. A connection counts as established only when the peer's
+//!   first bytes (its SETTINGS frame) arrive; until then the request has not
+//!   been sent and can go to another endpoint, whatever its method.
+//! * **PING keepalive.** Every [`KEEPALIVE_INTERVAL`] the connection is
+//!   pinged; no answer within [`KEEPALIVE_TIMEOUT`] kills it, which fails the
+//!   requests in flight on it (so idempotent ones are retried elsewhere)
+//!   instead of letting them hang until the overall timeout.
+//!
+//! Upgrades (WebSocket) need an HTTP/1.1 connection of their own, which is
+//! made per request and never pooled (an upgraded connection is consumed).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::http::Body;
+
+/// PING interval on sidecar-to-sidecar connections.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// A PING unanswered this long declares the peer dead: with the interval,
+/// a blackholed peer is detected within about 2 s.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Per-stream flow-control window. Bounds memory per streaming request
+/// while leaving room for a full bandwidth-delay product on a LAN.
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// Connection-level window: several streams at full speed at once.
+const CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// After a failed connect, callers queued behind it fail at once for this
+/// long instead of each waiting out its own connect timeout.
+const FAILED_CONNECT_MEMORY: Duration = Duration::from_millis(250);
+
+/// Settings shared by all peer pools.
+#[derive(Debug, Clone, Default)]
+pub struct PoolSettings {}
+
+/// Why a connection to a peer could not be established.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{addr}: {message}")]
+pub struct ConnectError {
+    /// The endpoint.
+    pub addr: Arc<str>,
+    /// What failed.
+    pub message: String,
+}
+
+/// The pool of one endpoint: one multiplexed HTTP/2 connection.
+#[derive(Debug)]
+pub struct PeerPool {
+    addr: Arc<str>,
+    #[allow(dead_code)]
+    settings: Arc<PoolSettings>,
+    /// The live connection, if any. A std mutex: held only to clone or
+    /// replace the sender, never across an await.
+    ready: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Serializes connects so a burst of requests makes one connection.
+    connecting: tokio::sync::Mutex<()>,
+    last_failure: Mutex<Option<(Instant, ConnectError)>>,
+}
+
+// === impl PeerPool ===
+
+impl PeerPool {
+    /// A pool for the endpoint at `addr` (`host:port`).
+    pub fn new(addr: Arc<str>, settings: Arc<PoolSettings>) -> Self {
+        PeerPool {
+            addr,
+            settings,
+            ready: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            last_failure: Mutex::new(None),
+        }
+    }
+
+    /// A pool that is never connected (unit tests of balancing state).
+    pub fn detached() -> Self {
+        PeerPool::new("0.0.0.0:0".into(), Arc::new(PoolSettings::default()))
+    }
+
+    /// A ready HTTP/2 sender, connecting if needed.
+    pub async fn get(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        if let Some(s) = self.ready_sender() {
+            return Ok(s);
+        }
+        let asked = Instant::now();
+        let _turn = self.connecting.lock().await;
+        if let Some(s) = self.ready_sender() {
+            return Ok(s);
+        }
+        if let Some(err) = self.recent_failure(asked) {
+            return Err(err);
+        }
+        match self.connect_h2(connect_timeout).await {
+            Ok(sender) => {
+                if let Ok(mut r) = self.ready.lock() {
+                    *r = Some(sender.clone());
+                }
+                Ok(sender)
+            }
+            Err(e) => {
+                if let Ok(mut f) = self.last_failure.lock() {
+                    *f = Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Forget the current connection (after a connection-level error).
+    pub fn invalidate(&self) {
+        if let Ok(mut r) = self.ready.lock() {
+            *r = None;
+        }
+    }
+
+    /// Whether a live connection is pooled (for `/routes`).
+    pub fn is_connected(&self) -> bool {
+        self.ready_sender().is_some()
+    }
+
+    /// A fresh HTTP/1.1 connection for an upgrade request.
+    pub async fn connect_http1(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http1::SendRequest<Body>, ConnectError> {
+        let stream = self.tcp(connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.err(format!("HTTP/1.1 handshake: {e}")))?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(endpoint = %addr, error = %e, "upgrade connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn ready_sender(&self) -> Option<http2::SendRequest<Body>> {
+        let mut r = self.ready.lock().ok()?;
+        match r.as_ref() {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                *r = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn recent_failure(&self, asked: Instant) -> Option<ConnectError> {
+        let f = self.last_failure.lock().ok()?;
+        match f.as_ref() {
+            // Only a failure that happened while we waited counts: it is
+            // news about the peer, not a stale verdict.
+            Some((at, e)) if *at >= asked && at.elapsed() < FAILED_CONNECT_MEMORY => {
+                Some(e.clone())
+            }
+            _ => None,
+        }
+    }
+
+    async fn tcp(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
+        let addr = self.addr.clone();
+        let connect = async {
+            let mut last = None;
+            let addrs = tokio::net::lookup_host(&*addr)
+                .await
+                .map_err(|e| self.err(format!("resolve: {e}")))?;
+            for a in addrs {
+                match TcpStream::connect(a).await {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        return Ok(s);
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(self.err(match last {
+                Some(e) => e.to_string(),
+                None => "no addresses".into(),
+            }))
+        };
+        tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            self.err(format!(
+                "connect timed out after {} ms",
+                timeout.as_millis()
+            ))
+        })?
+    }
+
+    async fn connect_h2(
+        &self,
+        timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let started = Instant::now();
+        let stream = self.tcp(timeout).await?;
+        let (first_bytes_tx, first_bytes) = oneshot::channel();
+        let io = FirstRead {
+            inner: stream,
+            notify: Some(first_bytes_tx),
+        };
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| self.err(format!("HTTP/2 handshake: {e}")))?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %addr, error = %e, "peer connection closed");
+            }
+        });
+        // The peer proves it is alive by answering our preface with its
+        // SETTINGS; a hung process never does.
+        let left = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, first_bytes).await {
+            Ok(Ok(())) => Ok(sender),
+            Ok(Err(_)) => Err(self.err("connection closed during the HTTP/2 handshake".into())),
+            Err(_) => Err(self.err(format!(
+                "no HTTP/2 SETTINGS from the peer within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    fn err(&self, message: String) -> ConnectError {
+        ConnectError {
+            addr: self.addr.clone(),
+            message,
+        }
+    }
+}
+
+/// A stream that reports when its first bytes are read.
+struct FirstRead {
+    inner: TcpStream,
+    notify: Option<oneshot::Sender<()>>,
+}
+
+impl AsyncRead for FirstRead {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            if let Some(tx) = self.notify.take() {
+                let _ = tx.send(());
+            }
+        }
+        res
+    }
+}
+
+impl AsyncWrite for FirstRead {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

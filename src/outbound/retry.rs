@@ -1,0 +1,83 @@
+//! Which failures may be retried, and how a request body is kept for it.
+//!
+//! A request is only ever sent twice when doing so cannot execute it twice
+//! in a way the caller did not allow: a connect failure (never sent) is
+//! retried whatever the method; a reset or 502/503/504 only for idempotent
+//! methods (RFC 9110 §9.2.2) or requests carrying `idempotency-key`, and
+//! only if the body was small enough to keep a copy.
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::http::headers::IDEMPOTENCY_KEY;
+
+/// Largest request body kept in memory so the request can be retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// A request body, kept (replayable) or streaming (one shot).
+#[derive(Debug)]
+pub enum ReqBody {
+    /// Complete and small: can be sent again.
+    Kept(Bytes),
+    /// Streaming: can be sent once; `None` after it was.
+    Stream(Option<Incoming>),
+}
+
+/// Whether the method (or an idempotency key) makes a resend safe.
+pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+/// Statuses that mean "this endpoint could not serve it" rather than an
+/// application answer.
+pub fn is_retryable_status(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// Keep the body when it is known to be small; otherwise stream it.
+pub async fn prepare(body: Incoming) -> Result<ReqBody, hyper::Error> {
+    use http_body::Body as _;
+    if body.is_end_stream() {
+        return Ok(ReqBody::Kept(Bytes::new()));
+    }
+    match body.size_hint().upper() {
+        Some(n) if n <= MAX_REPLAY_BODY => {
+            let collected = body.collect().await?;
+            // Trailers on a small body are rare (gRPC unary requests carry
+            // none); dropping a copy of them is not worth a retry path.
+            Ok(ReqBody::Kept(collected.to_bytes()))
+        }
+        _ => Ok(ReqBody::Stream(Some(body))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency() {
+        let h = HeaderMap::new();
+        assert!(is_idempotent(&Method::GET, &h));
+        assert!(is_idempotent(&Method::PUT, &h));
+        assert!(!is_idempotent(&Method::POST, &h));
+        let mut k = HeaderMap::new();
+        k.insert(IDEMPOTENCY_KEY, "abc".parse().unwrap());
+        assert!(is_idempotent(&Method::POST, &k));
+    }
+
+    #[test]
+    fn retryable_statuses() {
+        assert!(is_retryable_status(StatusCode::BAD_GATEWAY));
+        assert!(is_retryable_status(StatusCode::GATEWAY_TIMEOUT));
+        assert!(!is_retryable_status(StatusCode::INTERNAL_SERVER_ERROR));
+    }
+}
