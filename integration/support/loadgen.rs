@@ -43,6 +43,8 @@ pub struct LoadGen {
     path: String,
     mode: LoadMode,
     request_timeout: Duration,
+    method: http::Method,
+    body: bytes::Bytes,
 }
 
 /// One request's record.
@@ -79,7 +81,16 @@ impl LoadGen {
             path: "/".to_string(),
             mode: LoadMode::HostHeader,
             request_timeout: Duration::from_secs(5),
+            method: http::Method::GET,
+            body: bytes::Bytes::new(),
         }
+    }
+
+    /// The request method (GET by default) and body (empty by default).
+    pub fn method(mut self, method: http::Method, body: &[u8]) -> Self {
+        self.method = method;
+        self.body = bytes::Bytes::copy_from_slice(body);
+        self
     }
 
     /// Requests per second (at least 1).
@@ -135,12 +146,19 @@ impl LoadGen {
                 start + Duration::from_secs_f64(i as f64 / f64::from(self.rate)),
             )
             .await;
-            let mut builder = Request::get(url.as_str());
+            let mut builder = Request::builder()
+                .method(self.method.clone())
+                .uri(url.as_str());
             // Over h2c the URL's authority is sent as :authority instead.
             if self.mode != LoadMode::H2c {
                 builder = builder.header(HOST, self.host.as_str());
             }
-            let req = builder.body(empty()).expect("valid request");
+            let body = if self.body.is_empty() {
+                empty()
+            } else {
+                super::client::full(self.body.clone())
+            };
+            let req = builder.body(body).expect("valid request");
             let client = client.clone();
             let timeout = self.request_timeout;
             tasks.spawn(async move {

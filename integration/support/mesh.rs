@@ -160,3 +160,107 @@ impl StaticPair {
         self.a_spec.ports.outbound_addr()
     }
 }
+
+/// The etcd key of an instance under the default prefix.
+pub fn etcd_key(service: &str, instance: &str) -> String {
+    format!("/outrigger/services/{service}/{instance}")
+}
+
+/// A sidecar spec on etcd (TTL given, e.g. "2s").
+pub fn etcd_spec(
+    service: &str,
+    instance: &str,
+    upstream: &Upstream,
+    endpoint: &str,
+    ttl: &str,
+) -> SidecarSpec {
+    SidecarSpec::new(service, instance, upstream, etcd_registry(endpoint, ttl))
+}
+
+/// Service `a` calling service `b` with two replicas, each behind its own
+/// sidecar process, all registered in one etcd.
+pub struct EtcdTrio {
+    /// The registry.
+    pub etcd: super::Etcd,
+    /// A's local service.
+    pub svc_a: Upstream,
+    /// b1's local service.
+    pub svc_b1: Upstream,
+    /// b2's local service.
+    pub svc_b2: Upstream,
+    /// Sidecar of a.
+    pub a: Sidecar,
+    /// Sidecar of b1.
+    pub b1: Sidecar,
+    /// Sidecar of b2.
+    pub b2: Sidecar,
+}
+
+impl EtcdTrio {
+    /// Start etcd and three sidecars (default policy; `a_extra` is appended
+    /// to a's config) and wait until a routes to both replicas.
+    pub async fn start(a_extra: &str) -> EtcdTrio {
+        let etcd = super::Etcd::start().await;
+        let (svc_a, svc_b1, svc_b2) = (
+            Upstream::start("a1").await,
+            Upstream::start("b1").await,
+            Upstream::start("b2").await,
+        );
+        let ep = etcd.endpoint();
+        let mut a_spec = etcd_spec("a", "a-1", &svc_a, &ep, "5s");
+        a_spec.extra = a_extra.to_string();
+        let mut a = a_spec.start();
+        let mut b1 = etcd_spec("b", "b-1", &svc_b1, &ep, "5s").start();
+        let mut b2 = etcd_spec("b", "b-2", &svc_b2, &ep, "5s").start();
+        a.wait_ready().await;
+        b1.wait_ready().await;
+        b2.wait_ready().await;
+        let trio = EtcdTrio {
+            etcd,
+            svc_a,
+            svc_b1,
+            svc_b2,
+            a,
+            b1,
+            b2,
+        };
+        super::wait_until(
+            "a routes to b-1 and b-2",
+            std::time::Duration::from_secs(5),
+            || async { trio.instances("b").await == ["b-1", "b-2"] },
+        )
+        .await;
+        trio
+    }
+
+    /// a's outbound listener.
+    pub fn outbound(&self) -> std::net::SocketAddr {
+        self.a.outbound.expect("a has an outbound listener")
+    }
+
+    /// Instances of `service` in a's routing table, sorted.
+    pub async fn instances(&self, service: &str) -> Vec<String> {
+        let routes = self.a.routes_json().await;
+        let mut v: Vec<String> = routes["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == service)
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["instance"].as_str().map(String::from))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// a's view of one endpoint (the `/routes` entry), if listed.
+    pub async fn endpoint(&self, service: &str, instance: &str) -> Option<serde_json::Value> {
+        let routes = self.a.routes_json().await;
+        routes["services"]
+            .as_array()?
+            .iter()
+            .filter(|s| s["name"] == service)
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .find(|e| e["instance"] == instance)
+    }
+}

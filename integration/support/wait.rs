@@ -122,3 +122,13 @@ where
         Err(timeout) => panic!("{timeout}"),
     }
 }
+
+/// Tests that assert latency or traffic shares take this lock so they do
+/// not share the 2-core machine with each other (other tests still run in
+/// parallel with them, but no two timing tests do).
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}

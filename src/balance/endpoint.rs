@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::ewma::{PeakEwma, FAILURE_PENALTY};
+use super::ewma::PeakEwma;
 use crate::config::OutlierConfig;
 use crate::outbound::pool::PeerPool;
 
@@ -120,9 +120,22 @@ impl EndpointState {
     }
 
     /// Peak-EWMA cost: latency × (in-flight + 1), divided by weight.
+    ///
+    /// An endpoint never measured is probed one request at a time: free
+    /// while idle (so a new or returning replica gets traffic at once,
+    /// rather than waiting for a pessimistic default to decay), and
+    /// prohibitive while its first request is outstanding (so a slow newcomer
+    /// cannot soak up a burst before its latency is known).
     pub fn p2c_cost(&self, now: Instant, weight: u32) -> f64 {
-        let rtt = self.ewma.lock().map(|e| e.estimate(now)).unwrap_or(0.0);
-        rtt * (self.in_flight() as f64 + 1.0) / weight.max(1) as f64
+        let in_flight = self.in_flight();
+        let rtt = match self.ewma.lock() {
+            Ok(e) if e.is_fresh() => {
+                return if in_flight == 0 { 0.0 } else { f64::MAX / 4.0 };
+            }
+            Ok(e) => e.estimate(now),
+            Err(_) => 0.0,
+        };
+        rtt * (in_flight as f64 + 1.0) / weight.max(1) as f64
     }
 
     /// Least-request cost: in-flight per unit of weight.
@@ -157,10 +170,10 @@ impl EndpointState {
         cfg: &OutlierConfig,
         may_eject: bool,
     ) -> Option<Duration> {
+        // Failures do not touch the latency estimate (as in tower and
+        // linkerd): they are outlier detection's business, and a penalty
+        // here would hide a failing endpoint from the detector.
         self.failures.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut e) = self.ewma.lock() {
-            e.observe(FAILURE_PENALTY, now);
-        }
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let trip = match kind {
             Failure::Connect => {
@@ -173,6 +186,21 @@ impl EndpointState {
             Failure::Gateway => failures >= cfg.consecutive_failures,
         };
         if !trip || !may_eject || self.is_ejected(now) {
+            return None;
+        }
+        Some(self.eject(now, cfg))
+    }
+
+    /// Eject now, whatever the failure counts (the connection-level
+    /// detector declared the peer dead). Returns the ejection time, or
+    /// `None` if already ejected or the pool's share is used up.
+    pub fn eject_now(
+        &self,
+        now: Instant,
+        cfg: &OutlierConfig,
+        may_eject: bool,
+    ) -> Option<Duration> {
+        if !may_eject || self.is_ejected(now) {
             return None;
         }
         Some(self.eject(now, cfg))

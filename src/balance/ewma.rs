@@ -18,10 +18,6 @@ pub const DECAY: Duration = Duration::from_secs(10);
 /// (linkerd2-proxy uses 30 ms for the same purpose.)
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
-/// Latency that counts for a request that failed: failures must look
-/// expensive or P2C would prefer an endpoint that fails fast.
-pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
-
 /// A peak-EWMA estimate in nanoseconds.
 #[derive(Debug, Clone)]
 pub struct PeakEwma {
@@ -42,6 +38,11 @@ impl PeakEwma {
             updated: now,
             fresh: true,
         }
+    }
+
+    /// Whether no latency has been observed yet.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     /// The estimate decayed to `now`, in nanoseconds.

@@ -391,7 +391,13 @@ impl Outbound {
         let now = Instant::now();
         let may = balance::may_eject(&routes.endpoints, policy.outlier.max_ejection_percent, now);
         let ep = &routes.endpoints[index];
-        if let Some(time) = ep.state.record_failure(kind, now, &policy.outlier, may) {
+        let ejected = if ep.state.pool.take_unresponsive() {
+            ep.state.record_failure(kind, now, &policy.outlier, false);
+            ep.state.eject_now(now, &policy.outlier, may)
+        } else {
+            ep.state.record_failure(kind, now, &policy.outlier, may)
+        };
+        if let Some(time) = ejected {
             ep.state.pool.invalidate();
             self.metrics
                 .ejections

@@ -73,6 +73,9 @@ pub struct PeerPool {
     /// Serializes connects so a burst of requests makes one connection.
     connecting: tokio::sync::Mutex<()>,
     last_failure: Mutex<Option<(Instant, ConnectError)>>,
+    /// Set when a connection died of an unanswered PING: the peer is hung,
+    /// not merely slow. Taken by the request path, which ejects at once.
+    unresponsive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // === impl PeerPool ===
@@ -86,6 +89,7 @@ impl PeerPool {
             ready: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             last_failure: Mutex::new(None),
+            unresponsive: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -124,6 +128,12 @@ impl PeerPool {
                 Err(e)
             }
         }
+    }
+
+    /// Whether a connection died of a PING timeout since the last call.
+    pub fn take_unresponsive(&self) -> bool {
+        self.unresponsive
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Forget the current connection (after a connection-level error).
@@ -232,16 +242,27 @@ impl PeerPool {
             .await
             .map_err(|e| self.err(format!("HTTP/2 handshake: {e}")))?;
         let addr = self.addr.clone();
+        let unresponsive = self.unresponsive.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, error = %e, "peer connection closed");
+                if e.is_timeout() {
+                    tracing::warn!(endpoint = %addr, "peer stopped answering HTTP/2 PINGs; connection dropped");
+                    unresponsive.store(true, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    tracing::debug!(endpoint = %addr, error = %e, "peer connection closed");
+                }
             }
         });
         // The peer proves it is alive by answering our preface with its
         // SETTINGS; a hung process never does.
         let left = timeout.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, first_bytes).await {
-            Ok(Ok(())) => Ok(sender),
+            Ok(Ok(())) => {
+                // A peer that answers again is no longer "hung".
+                self.unresponsive
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                Ok(sender)
+            }
             Ok(Err(_)) => Err(self.err("connection closed during the HTTP/2 handshake".into())),
             Err(_) => Err(self.err(format!(
                 "no HTTP/2 SETTINGS from the peer within {} ms",
