@@ -72,6 +72,13 @@ enum Command {
         /// Config file (TOML).
         file: PathBuf,
     },
+    /// Exit 0 if a running sidecar is ready (its /ready answers 200), 1 if
+    /// not; for container healthchecks.
+    Ready {
+        /// The sidecar's admin listener.
+        #[arg(long, default_value = "127.0.0.1:15000", env = "OUTRIGGER_ADMIN")]
+        admin: SocketAddr,
+    },
     /// Print a running sidecar's routing table.
     Routes {
         /// The sidecar's admin listener.
@@ -94,16 +101,25 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(&e),
         },
-        Command::Routes { admin, json } => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start a runtime: {e}");
-                    return ExitCode::from(EX_UNAVAILABLE);
+        Command::Ready { admin } => {
+            let Some(rt) = cli_runtime() else {
+                return ExitCode::from(EX_UNAVAILABLE);
+            };
+            match rt.block_on(outrigger::routes_cli::get(admin, "/ready")) {
+                Ok((200, _)) => ExitCode::SUCCESS,
+                Ok((_, body)) => {
+                    eprint!("{}", String::from_utf8_lossy(&body));
+                    ExitCode::FAILURE
                 }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Routes { admin, json } => {
+            let Some(rt) = cli_runtime() else {
+                return ExitCode::from(EX_UNAVAILABLE);
             };
             match rt.block_on(outrigger::routes_cli::fetch(admin)) {
                 Ok(v) if json => {
@@ -172,6 +188,19 @@ fn run(config: Config) -> ExitCode {
             tracing::error!(error = %e, "outrigger stopped");
             eprintln!("error: {e}");
             ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+fn cli_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("error: cannot start a runtime: {e}");
+            None
         }
     }
 }

@@ -1,4 +1,6 @@
-//! `outrigger routes`: print a running sidecar's routing table.
+//! `outrigger routes` and `outrigger ready`: talk to a running sidecar's
+//! admin listener from the command line (and from container healthchecks,
+//! which then need no curl in the image).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -9,6 +11,15 @@ use hyper_util::rt::TokioIo;
 
 /// Fetch `/routes` from the admin listener at `admin`.
 pub async fn fetch(admin: SocketAddr) -> Result<serde_json::Value, String> {
+    let (status, body) = get(admin, "/routes").await?;
+    if status != 200 {
+        return Err(format!("/routes answered {status}"));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("invalid JSON from /routes: {e}"))
+}
+
+/// GET `path` from the admin listener: status and body.
+pub async fn get(admin: SocketAddr, path: &str) -> Result<(u16, bytes::Bytes), String> {
     let fetch = async {
         let stream = tokio::net::TcpStream::connect(admin)
             .await
@@ -17,21 +28,19 @@ pub async fn fetch(admin: SocketAddr) -> Result<serde_json::Value, String> {
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let req = http::Request::get("/routes")
+        let req = http::Request::get(path)
             .header(http::header::HOST, admin.to_string())
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;
         let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        if !res.status().is_success() {
-            return Err(format!("/routes answered {}", res.status()));
-        }
+        let status = res.status().as_u16();
         let body = res
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| format!("invalid JSON from /routes: {e}"))
+        Ok((status, body))
     };
     tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
