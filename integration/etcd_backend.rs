@@ -207,6 +207,7 @@ fn etcd_revision_u64(r: i64) -> u64 {
 
 #[tokio::test]
 async fn register_withdraw_and_deregister_manage_the_key() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let reg = registry(&etcd, TTL);
     let me = record("b", "b-1", 15006);
@@ -292,6 +293,7 @@ async fn register_withdraw_and_deregister_manage_the_key() {
 
 #[tokio::test]
 async fn a_duplicate_instance_is_refused_after_the_ttl() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let first = registry(&etcd, TTL);
     let second = registry(&etcd, TTL);
@@ -332,6 +334,7 @@ async fn a_duplicate_instance_is_refused_after_the_ttl() {
 
 #[tokio::test]
 async fn deregister_interrupts_a_register_in_progress() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let first = registry(&etcd, TTL);
     let second = registry(&etcd, TTL);
@@ -372,6 +375,7 @@ async fn deregister_interrupts_a_register_in_progress() {
 
 #[tokio::test]
 async fn a_crashed_sidecars_key_expires_with_its_lease() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let reg = registry(&etcd, TTL);
     let me = record("b", "b-1", 15006);
@@ -396,6 +400,7 @@ async fn a_crashed_sidecars_key_expires_with_its_lease() {
 
 #[tokio::test]
 async fn a_restarted_sidecar_reclaims_its_key_from_its_dead_incarnation() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let me = record("b", "b-1", 15006);
     let k = key("b", "b-1");
@@ -418,6 +423,7 @@ async fn a_restarted_sidecar_reclaims_its_key_from_its_dead_incarnation() {
 
 #[tokio::test]
 async fn a_lost_lease_is_replaced_by_the_next_register() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let reg = registry(&etcd, TTL);
     let me = record("b", "b-1", 15006);
@@ -457,6 +463,7 @@ async fn a_lost_lease_is_replaced_by_the_next_register() {
 
 #[tokio::test]
 async fn a_key_deleted_by_hand_is_put_back() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let reg = registry(&etcd, TTL);
     let me = record("b", "b-1", 15006);
@@ -477,6 +484,7 @@ async fn a_key_deleted_by_hand_is_put_back() {
 
 #[tokio::test]
 async fn withdraw_and_deregister_are_bounded_while_etcd_is_down() {
+    let _shared = crate::support::shared().await;
     let mut etcd = Etcd::start().await;
     let reg = registry(&etcd, TTL);
     let me = record("b", "b-1", 15006);
@@ -506,6 +514,7 @@ async fn withdraw_and_deregister_are_bounded_while_etcd_is_down() {
 
 #[tokio::test]
 async fn a_registry_is_built_without_etcd_and_fails_fast() {
+    let _shared = crate::support::shared().await;
     init_tracing();
     let port = crate::support::free_port();
     let reg = EtcdRegistry::new(EtcdSettings {
@@ -539,6 +548,7 @@ async fn a_registry_is_built_without_etcd_and_fails_fast() {
 
 #[tokio::test]
 async fn registration_and_discovery_authenticate() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     etcd.etcdctl(&["user", "add", "root", "--new-user-password=s3cret"])
         .await;
@@ -585,6 +595,7 @@ async fn registration_and_discovery_authenticate() {
 
 #[tokio::test]
 async fn registration_recovers_after_an_outage_longer_than_the_ttl() {
+    let _shared = crate::support::shared().await;
     let mut etcd = Etcd::start().await;
     let reg = registry(&etcd, TTL);
     let me = record("b", "b-1", 15006);
@@ -640,6 +651,7 @@ async fn registration_recovers_after_an_outage_longer_than_the_ttl() {
 
 #[tokio::test]
 async fn discovery_reads_then_streams_changes_in_order() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let a1 = record("a", "a-1", 1001);
     let b1 = record("b", "b-1", 2001);
@@ -720,6 +732,7 @@ async fn discovery_reads_then_streams_changes_in_order() {
 
 #[tokio::test]
 async fn discovery_reports_malformed_values_and_keeps_going() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     // Malformed before discovery starts: left out of the Reset, reported.
     etcd.put(&key("z", "z-1"), "{not json").await;
@@ -791,6 +804,7 @@ async fn discovery_reports_malformed_values_and_keeps_going() {
 
 #[tokio::test]
 async fn discovery_pages_a_large_table_at_one_revision() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let mut client = raw_client(&etcd).await;
     const KEYS: usize = 25_000;
@@ -830,6 +844,7 @@ async fn discovery_pages_a_large_table_at_one_revision() {
 
 #[tokio::test]
 async fn discovery_rereads_after_its_watch_is_compacted() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let mut client = raw_client(&etcd).await;
     put_record(&etcd, &record("a", "a-1", 1001)).await;
@@ -899,6 +914,7 @@ async fn discovery_rereads_after_its_watch_is_compacted() {
 
 #[tokio::test]
 async fn discovery_survives_an_etcd_restart_and_catches_up() {
+    let _shared = crate::support::shared().await;
     let mut etcd = Etcd::start().await;
     let a1 = record("a", "a-1", 1001);
     let b1 = record("b", "b-1", 2001);
@@ -939,6 +955,7 @@ async fn discovery_survives_an_etcd_restart_and_catches_up() {
 
 #[tokio::test]
 async fn discovery_starts_while_etcd_is_down() {
+    let _shared = crate::support::shared().await;
     let mut etcd = Etcd::start().await;
     put_record(&etcd, &record("a", "a-1", 1001)).await;
     etcd.stop().await;
@@ -952,6 +969,7 @@ async fn discovery_starts_while_etcd_is_down() {
 
 #[tokio::test]
 async fn discovery_detects_a_frozen_etcd() {
+    let _shared = crate::support::shared().await;
     let mut etcd = Etcd::start().await;
     put_record(&etcd, &record("a", "a-1", 1001)).await;
     let mut watcher = Watcher::start(registry(&etcd, TTL), 64);
@@ -986,6 +1004,7 @@ fn signal(pid: &str, sig: &str) {
 
 #[tokio::test]
 async fn registration_and_discovery_see_each_other() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let reg = registry(&etcd, TTL);
     let mut watcher = Watcher::start(reg.clone(), 64);

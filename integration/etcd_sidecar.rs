@@ -23,6 +23,7 @@ fn routed_instances(routes: &serde_json::Value, service: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_within_a_second_with_the_documented_json() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let svc = Upstream::start("b1").await;
     let mut spec = etcd_spec("b", "b-1", &svc, &etcd.endpoint(), "5s");
@@ -56,6 +57,7 @@ async fn registers_within_a_second_with_the_documented_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_failure_withdraws_and_recovery_restores() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let svc = Upstream::start("b1").await;
     let mut b = etcd_spec("b", "b-1", &svc, &etcd.endpoint(), "5s").start();
@@ -82,6 +84,7 @@ async fn probe_failure_withdraws_and_recovery_restores() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_expires_with_the_lease_and_sigterm_deregisters_first() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let svc = Upstream::start("b1").await;
     let mut b1 = etcd_spec("b", "b-1", &svc, &etcd.endpoint(), "2s").start();
@@ -117,6 +120,7 @@ async fn kill9_expires_with_the_lease_and_sigterm_deregisters_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_instance_is_refused() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let svc = Upstream::start("b1").await;
     let mut first = etcd_spec("b", "b-1", &svc, &etcd.endpoint(), "1s").start();
@@ -135,6 +139,7 @@ async fn duplicate_instance_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_lease_is_replaced_within_two_seconds() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let svc = Upstream::start("b1").await;
     let mut b = etcd_spec("b", "b-1", &svc, &etcd.endpoint(), "5s").start();
@@ -163,6 +168,7 @@ async fn revoked_lease_is_replaced_within_two_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_longer_than_ttl_recovers_registration() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let relay = Relay::start(etcd.client_addr()).await;
     let svc = Upstream::start("b1").await;
@@ -300,6 +306,7 @@ async fn etcd_outage_under_load_loses_nothing_and_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_while_the_watch_is_down_resyncs_to_a_fresh_read() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let relay = Relay::start(etcd.client_addr()).await;
     let svc_a = Upstream::start("a1").await;
@@ -348,6 +355,7 @@ async fn compaction_while_the_watch_is_down_resyncs_to_a_fresh_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_during_an_outage_routes_from_the_state_file() {
+    let _shared = crate::support::shared().await;
     let mut etcd = Etcd::start().await;
     let (svc_a, svc_b) = (Upstream::start("a1").await, Upstream::start("b1").await);
     let state = tempfile::tempdir().unwrap();
@@ -395,6 +403,7 @@ async fn restart_during_an_outage_routes_from_the_state_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_values_are_skipped_logged_and_counted() {
+    let _shared = crate::support::shared().await;
     let etcd = Etcd::start().await;
     let (svc_a, svc_b) = (Upstream::start("a1").await, Upstream::start("b1").await);
     let mut a = etcd_spec("a", "a-1", &svc_a, &etcd.endpoint(), "5s").start();

@@ -19,6 +19,7 @@ fn header<'a>(res: &'a http::Response<Bytes>, name: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_and_post_bodies_cross_two_hops() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let out = mesh.outbound();
     let res = client::get_with_host(out, "b", "/hello?x=1").await;
@@ -40,6 +41,7 @@ async fn get_and_post_bodies_cross_two_hops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_stream_is_relayed_without_buffering() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let (mut tx, body) = client::channel_body();
     let req = Request::post("http://b/echo").body(body).unwrap();
@@ -74,6 +76,7 @@ async fn chunked_stream_is_relayed_without_buffering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_response_arrives_chunk_by_chunk() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let c = client::dial_client(mesh.outbound());
     let res = c
@@ -95,6 +98,7 @@ async fn streamed_response_arrives_chunk_by_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_proxy_absolute_form_and_host_forms_route() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let out = mesh.outbound();
     let res = client::get_via_proxy(out, "http://b/via-proxy").await;
@@ -118,6 +122,7 @@ async fn http_proxy_absolute_form_and_host_forms_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_client_and_grpc_style_trailers() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let out = mesh.outbound();
     let res = client::request_h2(out, get("http://b/h2")).await;
@@ -143,6 +148,7 @@ async fn h2c_client_and_grpc_style_trailers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_trailers_survive_when_asked_for() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let res = client::request(
         mesh.outbound(),
@@ -158,6 +164,7 @@ async fn http1_trailers_survive_when_asked_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_through_the_mesh() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let mut ws = client::ws_connect(mesh.outbound(), "b", "/ws").await;
     for msg in ["hello", "through", "two sidecars"] {
@@ -175,6 +182,7 @@ async fn websocket_echo_through_the_mesh() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_204_304_and_expect_continue() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let out = mesh.outbound();
     let res = client::request(
@@ -203,6 +211,7 @@ async fn head_204_304_and_expect_continue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_service_is_a_fast_503_naming_it() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let started = Instant::now();
     let res = client::get_with_host(mesh.outbound(), "nosuch", "/").await;
@@ -216,6 +225,7 @@ async fn unknown_service_is_a_fast_503_naming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_gives_502_with_the_failed_stage() {
+    let _shared = crate::support::shared().await;
     let mut mesh = StaticPair::start().await;
     // B's local service is down: B answers 502 connect.
     mesh.svc_b.stop().await;
@@ -249,6 +259,7 @@ async fn upstream_down_gives_502_with_the_failed_stage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_are_cleaned_and_annotated() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let req = Request::get("http://b/headers")
         .header("connection", "x-private, keep-alive")
@@ -299,6 +310,7 @@ async fn headers_are_cleaned_and_annotated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_the_static_file_reroutes_without_restart() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     let svc_b2 = Upstream::start("b2").await;
     let mut b2_spec = mesh.b_spec.clone();
@@ -339,6 +351,7 @@ async fn editing_the_static_file_reroutes_without_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_port_listener_forwards_whatever_the_host() {
+    let _shared = crate::support::shared().await;
     let port = crate::support::free_port();
     let mesh = StaticPair::start_with(&format!(
         "[[upstreams]]\nname = \"b\"\nlocal_port = {port}\n"
@@ -353,6 +366,7 @@ async fn local_port_listener_forwards_whatever_the_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_and_routes_cli() {
+    let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;
     client::get_with_host(mesh.outbound(), "b", "/").await;
     assert_eq!(mesh.a.admin_get("/live").await.0, 200);
@@ -439,6 +453,7 @@ timeout = "2x"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_in_flight_during_sigterm_completes() {
+    let _shared = crate::support::shared().await;
     let mut mesh = StaticPair::start().await;
     mesh.svc_b.set_delay(Duration::from_millis(1500));
     let out = mesh.outbound();
@@ -461,6 +476,7 @@ async fn request_in_flight_during_sigterm_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_endpoint_turns_ready_off() {
+    let _shared = crate::support::shared().await;
     let mut mesh = StaticPair::start().await;
     let (code, _) = mesh.a.admin_post("/drain").await;
     assert_eq!(code, 202);

@@ -45,4 +45,4 @@ pub use loadgen::{LoadGen, LoadMode, LoadReport};
 pub use ports::free_port;
 pub use sidecar::{Sidecar, SidecarPorts};
 pub use upstream::{RecordedRequest, Upstream};
-pub use wait::{exclusive, wait_until};
+pub use wait::{exclusive, shared, wait_until};

@@ -123,12 +123,20 @@ where
     }
 }
 
-/// Tests that assert latency or traffic shares take this lock so they do
-/// not share the 2-core machine with each other (other tests still run in
-/// parallel with them, but no two timing tests do).
-pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
-        .lock()
-        .await
+/// Timing tests (latency or traffic-share assertions) run alone: they take
+/// this lock exclusively, and every other async test takes it shared, so on
+/// a 2-core machine no other test's sidecars compete with a measurement.
+pub async fn exclusive() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    timing_lock().write().await
+}
+
+/// The shared side of [`exclusive`]: ordinary tests run in parallel with
+/// each other, never with a timing test.
+pub async fn shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    timing_lock().read().await
+}
+
+fn timing_lock() -> &'static tokio::sync::RwLock<()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::RwLock<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::RwLock::new(()))
 }

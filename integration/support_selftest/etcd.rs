@@ -11,6 +11,7 @@ use crate::support::Etcd;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_keys_revisions_compaction_and_restarts() {
+    let _shared = crate::support::shared().await;
     let mut etcd = Etcd::start().await;
     assert!(etcd.endpoint().starts_with("http://127.0.0.1:"));
 

@@ -7,6 +7,7 @@ use crate::support::{LoadGen, LoadMode, LoadReport, Upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_sends_100_rps_for_1s_without_failures() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     let start = Instant::now();
     let report = LoadGen::new(up.addr())
@@ -40,6 +41,7 @@ async fn loadgen_sends_100_rps_for_1s_without_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_proxy_and_h2c_modes() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     let load = LoadGen::new(up.addr())
         .rate(100)
@@ -61,6 +63,7 @@ async fn loadgen_proxy_and_h2c_modes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_records_errors_and_statuses() {
+    let _shared = crate::support::shared().await;
     let mut up = Upstream::start("b1").await;
     up.set_status(503);
     let report = LoadGen::new(up.addr())

@@ -18,6 +18,7 @@ fn free_ports_are_unique_and_bindable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_until_returns_values_of_bool_option_and_result() {
+    let _shared = crate::support::shared().await;
     let mut polls = 0;
     let value = wait_until("the third poll", Duration::from_secs(5), || {
         polls += 1;
@@ -36,6 +37,7 @@ async fn wait_until_returns_values_of_bool_option_and_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_times_out_with_the_last_error() {
+    let _shared = crate::support::shared().await;
     let start = Instant::now();
     let timeout = wait_for("a closed port", Duration::from_millis(200), || {
         try_get(loopback(free_port()), "/")
@@ -59,6 +61,7 @@ async fn wait_for_times_out_with_the_last_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[should_panic(expected = "waiting for the impossible")]
 async fn wait_until_panics_on_timeout() {
+    let _shared = crate::support::shared().await;
     wait_until("the impossible", Duration::from_millis(50), || async {
         false
     })

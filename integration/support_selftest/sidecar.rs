@@ -76,6 +76,7 @@ fn proc_state(pid: u32) -> char {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_control_with_a_stand_in_program() {
+    let _shared = crate::support::shared().await;
     let admin = fake_admin().await;
     let toml = format!("[service]\nname = \"fake\"\n\n[listeners]\nadmin = \"{admin}\"\n");
     let options = SidecarOptions {
@@ -141,6 +142,7 @@ async fn process_control_with_a_stand_in_program() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[should_panic(expected = "before GET /ready returned 200")]
 async fn wait_ready_reports_an_early_exit() {
+    let _shared = crate::support::shared().await;
     // An invalid config (and, until the sidecar exists, the stub binary)
     // makes the process exit; wait_ready must say so without waiting 10 s.
     let ports = SidecarPorts::new();

@@ -21,6 +21,7 @@ const FIVE_S: Duration = Duration::from_secs(5);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_route_over_http1_and_h2c() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     let url = format!("http://{}/hello?x=1", up.addr());
 
@@ -59,6 +60,7 @@ async fn default_route_over_http1_and_h2c() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_streams_before_the_request_ends() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     for (proto, client) in [("h1", http1_client()), ("h2c", h2c_client())] {
         let (mut tx, body) = channel_body();
@@ -91,6 +93,7 @@ async fn echo_streams_before_the_request_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trailers_reach_an_h2c_client() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     let resp = collect(
         h2c_client()
@@ -133,6 +136,7 @@ async fn trailers_reach_an_h2c_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_echo_round_trip() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     let mut ws = ws_connect(up.addr(), "b", "/ws").await;
     ws.send(Message::text("hello")).await.unwrap();
@@ -152,6 +156,7 @@ async fn websocket_echo_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absolute_form_and_host_header_requests() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     let resp = get_via_proxy(up.addr(), "http://b/path?q=1").await;
     assert_eq!(resp.status(), 200);
@@ -179,6 +184,7 @@ async fn absolute_form_and_host_header_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_delay_and_health_controls() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     up.set_status(503);
     assert_eq!(get_with_host(up.addr(), "b", "/").await.status(), 503);
@@ -206,6 +212,7 @@ async fn status_delay_and_health_controls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_routes() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     let resp = get_with_host(up.addr(), "b", "/status/418").await;
     assert_eq!(
@@ -254,6 +261,7 @@ async fn fixed_routes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_is_honoured() {
+    let _shared = crate::support::shared().await;
     let up = Upstream::start("b1").await;
     let mut tcp = TcpStream::connect(up.addr()).await.unwrap();
     let head =
@@ -269,6 +277,7 @@ async fn expect_100_continue_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_refuses_connections_and_restart_reuses_the_port() {
+    let _shared = crate::support::shared().await;
     let mut up = Upstream::start("b1").await;
     let addr = up.addr();
     let mut ws = ws_connect(addr, "b", "/ws").await;
