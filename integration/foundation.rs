@@ -484,3 +484,58 @@ async fn drain_endpoint_turns_ready_off() {
     assert!(status.success());
     let _ = Method::GET;
 }
+
+/// Send raw bytes, return the status line's code (0 if the connection closed first).
+async fn raw_status(addr: std::net::SocketAddr, request: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(request).await;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_blocks_get_431() {
+    let _shared = crate::support::shared().await;
+    let mesh = StaticPair::start().await;
+    for addr in [mesh.outbound(), mesh.b_spec.ports.inbound_addr()] {
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: b\r\n");
+        for i in 0..101 {
+            many.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(
+            raw_status(addr, many.as_bytes()).await,
+            431,
+            "101 headers on {addr}"
+        );
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: b\r\nx-big: {}\r\n\r\n",
+            "a".repeat(61 * 1024)
+        );
+        assert_eq!(
+            raw_status(addr, big.as_bytes()).await,
+            431,
+            "61 KiB header block on {addr}"
+        );
+        let ok = "GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+        assert_eq!(
+            raw_status(addr, ok.as_bytes()).await,
+            200,
+            "a normal request on {addr}"
+        );
+    }
+    assert_eq!(
+        mesh.svc_b.requests(),
+        2,
+        "only the normal requests reached the service"
+    );
+}

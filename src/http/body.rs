@@ -7,6 +7,7 @@
 //! count covers the request until its response body ends (P2C load), and the
 //! guard reports the outcome when it drops.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -27,8 +28,23 @@ pin_project! {
         kind: Kind,
         // Held until the body ends or is dropped; see the module docs.
         guard: Option<LoadGuard>,
+        // Fails the body when no frame arrives for this long: streaming
+        // responses are exempt from the overall timeout, but a stream that
+        // went silent must not hold its endpoint's load forever.
+        idle: Option<Idle>,
     }
 }
+
+/// An idle deadline that moves forward with every frame.
+struct Idle {
+    after: std::time::Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The error a body yields when it idles out.
+#[derive(Debug, thiserror::Error)]
+#[error("no data for {0:?}: stream idle timeout")]
+pub struct IdleTimeout(pub std::time::Duration);
 
 pin_project! {
     #[project = KindProj]
@@ -47,6 +63,7 @@ impl Body {
         Body {
             kind: Kind::Empty,
             guard: None,
+            idle: None,
         }
     }
 
@@ -60,6 +77,7 @@ impl Body {
                 Kind::Full { data: Some(data) }
             },
             guard: None,
+            idle: None,
         }
     }
 
@@ -68,7 +86,19 @@ impl Body {
         Body {
             kind: Kind::Incoming { inner },
             guard: None,
+            idle: None,
         }
+    }
+
+    /// Fail the body if no frame arrives for `after`.
+    pub fn with_idle_timeout(mut self, after: std::time::Duration) -> Self {
+        if !self.is_end_stream_hint() {
+            self.idle = Some(Idle {
+                after,
+                timer: Box::pin(tokio::time::sleep(after)),
+            });
+        }
+        self
     }
 
     /// Attach a load guard released when the body ends.
@@ -124,8 +154,8 @@ impl http_body::Body for Body {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let res = match this.kind.project() {
+        let mut this = self.project();
+        let res = match this.kind.as_mut().project() {
             KindProj::Empty => Poll::Ready(None),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Incoming { inner } => match inner.poll_frame(cx) {
@@ -134,6 +164,22 @@ impl http_body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
+        };
+        let res = match (res, this.idle.as_mut()) {
+            (Poll::Pending, Some(idle)) => match idle.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let after = idle.after;
+                    *this.idle = None;
+                    Poll::Ready(Some(Err(IdleTimeout(after).into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            (Poll::Ready(Some(Ok(frame))), Some(idle)) => {
+                let next = tokio::time::Instant::now() + idle.after;
+                idle.timer.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            (res, _) => res,
         };
         match &res {
             Poll::Ready(None) => {
@@ -161,5 +207,49 @@ impl http_body::Body for Body {
             }
             Kind::Incoming { inner } => http_body::Body::size_hint(inner),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_fails_a_silent_stream_and_resets_on_data() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A server whose response body sends one chunk, then goes silent.
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|_req| async {
+                let (mut tx, body) =
+                    http_body_util::channel::Channel::<Bytes, hyper::Error>::new(1);
+                tokio::spawn(async move {
+                    tx.send_data(Bytes::from_static(b"first")).await.ok();
+                    std::future::pending::<()>().await;
+                });
+                Ok::<_, hyper::Error>(http::Response::new(body))
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await
+                .ok();
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let res = tx
+            .send_request(http::Request::new(Body::empty()))
+            .await
+            .unwrap();
+        let mut body =
+            Body::incoming(res.into_body()).with_idle_timeout(std::time::Duration::from_secs(5));
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("idle timeout"), "{err}");
     }
 }

@@ -82,6 +82,14 @@ pub enum ProxyError {
     /// The sidecar is draining and takes no new requests.
     #[error("sidecar is shutting down")]
     Draining,
+    /// The request's header block exceeds `limits.max_header_bytes`.
+    #[error("request header block of {size} bytes exceeds the {limit}-byte limit")]
+    HeadersTooLarge {
+        /// Bytes in the header block.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
 }
 
 // === impl ProxyError ===
@@ -92,6 +100,7 @@ impl ProxyError {
         match self {
             ProxyError::NoTarget | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnknownService(_)
             | ProxyError::NoEndpoints(_)
             | ProxyError::Overloaded(_)
@@ -119,6 +128,7 @@ impl ProxyError {
             ProxyError::BudgetExhausted(_) => "retry-budget",
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::Draining => "draining",
+            ProxyError::HeadersTooLarge { .. } => "headers-too-large",
         }
     }
 }

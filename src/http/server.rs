@@ -22,7 +22,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use super::Body;
+use super::error::respond;
+use super::{Body, ProxyError};
 use crate::config::Limits;
 
 /// Smallest read buffer hyper accepts; the header limit cannot go below it.
@@ -101,9 +102,25 @@ pub async fn serve<H, F>(
         // Small request/response messages must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let fut = handler(req, remote);
-            async move { Ok::<_, Infallible>(fut.await) }
+        let max_header_bytes = limits.max_header_bytes;
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            // hyper bounds its read buffer, not the header block exactly;
+            // the documented limit is enforced here, before any relaying.
+            let size = header_block_size(&req);
+            let fut = (size <= max_header_bytes).then(|| handler(req, remote));
+            async move {
+                Ok::<_, Infallible>(match fut {
+                    Some(fut) => fut.await,
+                    None => respond(
+                        &ProxyError::HeadersTooLarge {
+                            size,
+                            limit: max_header_bytes,
+                        },
+                        &super::headers::new_request_id(),
+                        name,
+                    ),
+                })
+            }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -130,6 +147,15 @@ pub async fn serve<H, F>(
             "drain timeout reached; closing remaining connections"
         );
     }
+}
+
+/// Bytes of a request's header block as sent on the wire (name, `: `,
+/// value, CRLF per field; the request line is not counted).
+fn header_block_size<B>(req: &Request<B>) -> usize {
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
 }
 
 /// Resolves once `rx` holds `true` (or its sender is gone).

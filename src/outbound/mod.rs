@@ -292,9 +292,13 @@ impl Outbound {
                             && tried.len() < routes.endpoints.len()
                             && self.may_retry(routes, retries, policy)
                         {
-                            TryOutcome::RetryableResponse(into_response(res, guard))
+                            TryOutcome::RetryableResponse(into_response(
+                                res,
+                                guard,
+                                policy.idle_timeout,
+                            ))
                         } else {
-                            TryOutcome::Response(into_response(res, guard))
+                            TryOutcome::Response(into_response(res, guard, policy.idle_timeout))
                         }
                     }
                     Ok(Err(mut e)) => {
@@ -487,7 +491,7 @@ impl Outbound {
                 return Ok(Response::from_parts(parts, Body::empty()));
             }
             let guard = ep.state.start();
-            return Ok(into_response(res, guard));
+            return Ok(into_response(res, guard, policy.idle_timeout));
         }
     }
 }
@@ -534,10 +538,17 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
     req.into_parts().0
 }
 
-fn into_response(res: Response<Incoming>, guard: balance::LoadGuard) -> Response<Body> {
+fn into_response(
+    res: Response<Incoming>,
+    guard: balance::LoadGuard,
+    idle: std::time::Duration,
+) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, Body::incoming(body).with_guard(guard))
+    let body = Body::incoming(body)
+        .with_guard(guard)
+        .with_idle_timeout(idle);
+    Response::from_parts(parts, body)
 }
 
 /// hyper's errors keep the useful part in their source chain.
