@@ -2,10 +2,19 @@
 # THE test command: what CI runs (via .ci/run) and what the README tells contributors
 # to run before pushing. Each section stops the run on its first failure.
 #
+# Sections, in order: format, lint, images, tests. The images section runs
+# scripts/offline-images.sh, so the compose end-to-end test (integration/compose.rs)
+# finds outrigger:local and outrigger-etcd:local built from this very tree; it needs
+# Docker, the Compose v2 plugin and root (debootstrap), all of which CI has.
+#
 # Environment:
-#   CARGO_ARGS   extra flags for clippy and test, e.g. CARGO_ARGS=--no-default-features
-#                to skip the etcd backend (and its protobuf build) on a quick local run.
+#   CARGO_ARGS   extra flags for clippy, test and the image build, e.g.
+#                CARGO_ARGS=--no-default-features to skip the etcd backend (and its
+#                protobuf build) on a quick local run. The compose mesh needs etcd, so
+#                such a run also skips the images and the compose test, and says so.
 #                CI leaves it empty, so every feature is linted and tested.
+#   OUTRIGGER_IMAGE ETCD_IMAGE   tags for the images (default outrigger:local and
+#                outrigger-etcd:local); the compose test uses the same ones.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +35,30 @@ cargo fmt --all -- --check
 
 section "lint: cargo clippy -D warnings${CARGO_ARGS:+ $CARGO_ARGS}"
 cargo clippy --locked --all-targets "${cargo_args[@]}" -- -D warnings
+
+# The compose test target requires the etcd feature (Cargo.toml), so cargo leaves it
+# out exactly when these flags turn etcd off.
+compose_mesh=1
+if [[ " ${CARGO_ARGS:-} " == *" --no-default-features "* && "${CARGO_ARGS:-}" != *etcd* &&
+    "${CARGO_ARGS:-}" != *--all-features* ]]; then
+    compose_mesh=0
+fi
+
+if ((compose_mesh)); then
+    section "images: scripts/offline-images.sh${CARGO_ARGS:+ (CARGO_ARGS=$CARGO_ARGS)}"
+    # Progress goes to stderr; the last stdout line is OUTRIGGER_IMAGE=... ETCD_IMAGE=...
+    images="$(scripts/offline-images.sh | tail -n 1)"
+    [[ "$images" =~ ^OUTRIGGER_IMAGE=[^[:space:]]+\ ETCD_IMAGE=[^[:space:]]+$ ]] || {
+        echo "test.sh: unexpected output from offline-images.sh: $images" >&2
+        exit 1
+    }
+    # shellcheck disable=SC2163,SC2086  # two NAME=value words, checked just above
+    export $images
+    echo "compose test images: $images"
+else
+    section "images: SKIPPED, CARGO_ARGS ($CARGO_ARGS) disables etcd, which the compose mesh needs"
+    echo "The compose end-to-end test (integration/compose.rs) does not run in this mode."
+fi
 
 section "test: cargo test${CARGO_ARGS:+ $CARGO_ARGS}"
 cargo test --locked --all-targets "${cargo_args[@]}"
