@@ -18,6 +18,10 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0,
 ];
 
+/// Table build buckets in seconds: a rebuild is expected well under 1 ms
+/// and must stay under 10 ms even for 10k endpoints.
+const BUILD_BUCKETS: [f64; 8] = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1];
+
 /// `requests_total` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -102,6 +106,8 @@ pub struct Metrics {
     pub malformed_values: Family<RegistryLabels, Counter>,
     /// Routing tables published.
     pub table_updates: Counter,
+    /// Time to build one routing table (the applier's work per batch).
+    pub table_build: Histogram,
     /// 1 while the table is stale (a registry is down, or loaded from the
     /// state file).
     pub table_stale: Gauge,
@@ -134,6 +140,7 @@ impl Metrics {
             registry_errors: Family::default(),
             malformed_values: Family::default(),
             table_updates: Counter::default(),
+            table_build: Histogram::new(BUILD_BUCKETS.iter().copied()),
             table_stale: Gauge::default(),
             local_healthy: Gauge::default(),
             resident_memory: Gauge::default(),
@@ -205,6 +212,11 @@ impl Metrics {
             "routing_table_updates",
             "Routing tables published",
             m.table_updates.clone(),
+        );
+        r.register(
+            "routing_table_build_seconds",
+            "Time to build and publish one routing table",
+            m.table_build.clone(),
         );
         r.register(
             "routing_table_stale",

@@ -12,7 +12,7 @@
 mod persist;
 mod table;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -88,8 +88,29 @@ pub struct Applier {
     generation: u64,
     dirty_since: Option<Instant>,
     last_persist: Option<Instant>,
-    /// Endpoint-gauge label sets published last time, to zero removed ones.
-    published_gauges: Vec<EndpointLabels>,
+    /// Services whose routes must be rebuilt at the next publish.
+    dirty: Dirty,
+}
+
+/// What changed since the last published table.
+#[derive(Debug)]
+enum Dirty {
+    /// Rebuild everything (start-up, state-file hand-over).
+    All,
+    /// Rebuild these services only (may be empty: flags changed).
+    Some(BTreeSet<String>),
+}
+
+// === impl Dirty ===
+
+impl Dirty {
+    fn mark(&mut self, service: &str) {
+        if let Dirty::Some(set) = self {
+            if !set.contains(service) {
+                set.insert(service.to_string());
+            }
+        }
+    }
 }
 
 // === impl Applier ===
@@ -122,7 +143,7 @@ impl Applier {
             generation: 0,
             dirty_since: None,
             last_persist: None,
-            published_gauges: Vec::new(),
+            dirty: Dirty::All,
         }
     }
 
@@ -190,6 +211,12 @@ impl Applier {
                 endpoints,
                 revision,
             } => {
+                for (svc, _) in src.endpoints.keys() {
+                    self.dirty.mark(svc);
+                }
+                for e in &endpoints {
+                    self.dirty.mark(&e.service);
+                }
                 let mut next = BTreeMap::new();
                 for record in endpoints {
                     let key = (record.service.clone(), record.instance.clone());
@@ -225,7 +252,11 @@ impl Applier {
                 if source != self.state_source && all_loaded {
                     // Every registry has given a full view: the persisted
                     // table has served its purpose.
-                    self.sources[self.state_source].endpoints.clear();
+                    let state = &mut self.sources[self.state_source].endpoints;
+                    if !state.is_empty() {
+                        state.clear();
+                        self.dirty = Dirty::All;
+                    }
                 }
                 true
             }
@@ -239,6 +270,7 @@ impl Applier {
                 if src.endpoints.get(&key).map(|k| &k.record) == Some(&endpoint) {
                     return false;
                 }
+                self.dirty.mark(&endpoint.service);
                 src.endpoints.insert(
                     key,
                     Known {
@@ -258,7 +290,11 @@ impl Applier {
                     return false;
                 }
                 src.revision = src.revision.max(revision);
-                src.endpoints.remove(&(service, instance)).is_some()
+                let removed = src.endpoints.remove(&(service.clone(), instance)).is_some();
+                if removed {
+                    self.dirty.mark(&service);
+                }
+                removed
             }
             Update::Connected(up) => {
                 let labels = RegistryLabels {
@@ -285,65 +321,74 @@ impl Applier {
         }
     }
 
-    /// Build and publish a table from the current sources.
+    /// Build and publish a table from the current sources. Only services
+    /// marked dirty are rebuilt; the others are shared with the previous
+    /// table (an `Arc` clone each), so one change costs O(that service), not
+    /// O(the whole mesh).
     fn publish(&mut self) {
         let now = Instant::now();
-        let config = self.config.clone();
-        let my_zone = config.service.zone.as_deref();
-        // Merge by (service, instance); the first source in order wins.
-        let mut merged: BTreeMap<(String, String), (usize, Known)> = BTreeMap::new();
-        for (i, src) in self.sources.iter().enumerate() {
-            for (key, known) in &src.endpoints {
-                if !merged.contains_key(key) {
-                    merged.insert(key.clone(), (i, known.clone()));
+        let prev = self.table.load_full();
+        let (mut services, names): (HashMap<Arc<str>, Arc<ServiceRoutes>>, Vec<String>) =
+            match std::mem::replace(&mut self.dirty, Dirty::Some(BTreeSet::new())) {
+                Dirty::All => {
+                    let names: BTreeSet<String> = self
+                        .sources
+                        .iter()
+                        .flat_map(|s| s.endpoints.keys().map(|(svc, _)| svc.clone()))
+                        .chain(prev.services.keys().map(|k| k.to_string()))
+                        .collect();
+                    (
+                        HashMap::with_capacity(names.len()),
+                        names.into_iter().collect(),
+                    )
+                }
+                Dirty::Some(set) => (prev.services.clone(), set.into_iter().collect()),
+            };
+        let mut dropped_addrs: Vec<Arc<str>> = Vec::new();
+        for svc in &names {
+            let old = prev.services.get(svc.as_str());
+            let routes = self.build_service(svc, now);
+            if let Some(old) = old {
+                let kept = |a: &str| {
+                    routes
+                        .as_ref()
+                        .is_some_and(|r| r.endpoints.iter().any(|e| &*e.state.addr == a))
+                };
+                dropped_addrs.extend(
+                    old.endpoints
+                        .iter()
+                        .filter(|e| !kept(&e.state.addr))
+                        .map(|e| e.state.addr.clone()),
+                );
+            }
+            match routes {
+                Some(r) => {
+                    services.insert(r.name.clone(), r);
+                }
+                None => {
+                    services.remove(svc.as_str());
+                    for state in ["healthy", "ejected"] {
+                        self.metrics.endpoints.remove(&EndpointLabels {
+                            service: svc.as_str().into(),
+                            state,
+                        });
+                    }
                 }
             }
         }
-        let mut by_service: HashMap<Arc<str>, Vec<Arc<Endpoint>>> = HashMap::new();
-        let mut live_addrs: HashMap<Arc<str>, ()> = HashMap::new();
-        for ((svc, _), (source, known)) in merged {
-            let addr: Arc<str> = known.record.address.as_str().into();
-            let state = self
-                .endpoint_states
-                .entry(addr.clone())
-                .or_insert_with(|| {
-                    Arc::new(EndpointState::new(
-                        addr.clone(),
-                        PeerPool::new(addr.clone(), self.pool.clone()),
-                        now,
-                    ))
-                })
-                .clone();
-            live_addrs.insert(addr, ());
-            let ep = Endpoint {
-                weight: known.record.weight,
-                local: my_zone.is_some() && known.record.zone.as_deref() == my_zone,
-                record: known.record.clone(),
-                source,
-                revision: known.revision,
-                seen_at: known.seen_at,
-                state,
-            };
-            let name = self.service_name(&svc);
-            by_service.entry(name).or_default().push(Arc::new(ep));
-        }
         // Endpoints that left the registry lose their learned state: if they
-        // come back, a fresh registration is fresh evidence of health.
-        self.endpoint_states
-            .retain(|a, _| live_addrs.contains_key(a));
-
-        let mut services = HashMap::with_capacity(by_service.len());
-        for (name, endpoints) in by_service {
-            let shared = self.service_state(&name, now);
-            services.insert(
-                name.clone(),
-                Arc::new(ServiceRoutes {
-                    name,
-                    endpoints,
-                    rr: Default::default(),
-                    shared,
-                }),
-            );
+        // come back, a fresh registration is fresh evidence of health. (An
+        // address still used by another service keeps its state.)
+        if !dropped_addrs.is_empty() {
+            let live: HashSet<&str> = services
+                .values()
+                .flat_map(|s| s.endpoints.iter().map(|e| &*e.state.addr))
+                .collect();
+            for addr in &dropped_addrs {
+                if !live.contains(&**addr) {
+                    self.endpoint_states.remove(addr);
+                }
+            }
         }
         let stale = self.sources[..self.state_source]
             .iter()
@@ -356,7 +401,6 @@ impl Applier {
             stale,
             built_at: Some(SystemTime::now()),
         };
-        self.update_gauges(&table, now);
         self.table.store(Arc::new(table));
         self.status
             .generation
@@ -364,6 +408,9 @@ impl Applier {
         self.status.stale.store(stale, Ordering::Relaxed);
         self.status.loaded.store(true, Ordering::Relaxed);
         self.metrics.table_updates.inc();
+        self.metrics
+            .table_build
+            .observe(now.elapsed().as_secs_f64());
         self.metrics.table_stale.set(stale as i64);
         if self.sources[..self.state_source].iter().any(|s| s.loaded) {
             self.dirty_since.get_or_insert(now);
@@ -371,11 +418,59 @@ impl Applier {
         }
     }
 
-    fn service_name(&mut self, svc: &str) -> Arc<str> {
-        match self.service_states.get_key_value(svc) {
-            Some((k, _)) => k.clone(),
-            None => svc.into(),
+    /// The routes of one service, merged across sources by instance (the
+    /// first source in config order wins); `None` if it has no endpoints.
+    fn build_service(&mut self, svc: &str, now: Instant) -> Option<Arc<ServiceRoutes>> {
+        let mut merged: BTreeMap<&str, (usize, &Known)> = BTreeMap::new();
+        for (i, src) in self.sources.iter().enumerate() {
+            let from = (svc.to_string(), String::new());
+            for ((s, inst), known) in src.endpoints.range(from..) {
+                if s != svc {
+                    break;
+                }
+                merged.entry(inst.as_str()).or_insert((i, known));
+            }
         }
+        if merged.is_empty() {
+            return None;
+        }
+        let my_zone = self.config.service.zone.as_deref();
+        let mut endpoints = Vec::with_capacity(merged.len());
+        for (source, known) in merged.into_values() {
+            let addr: Arc<str> = known.record.address.as_str().into();
+            let pool = &self.pool;
+            let state = self
+                .endpoint_states
+                .entry(addr.clone())
+                .or_insert_with(|| {
+                    Arc::new(EndpointState::new(
+                        addr.clone(),
+                        PeerPool::new(addr.clone(), pool.clone()),
+                        now,
+                    ))
+                })
+                .clone();
+            endpoints.push(Arc::new(Endpoint {
+                weight: known.record.weight,
+                local: my_zone.is_some() && known.record.zone.as_deref() == my_zone,
+                record: known.record.clone(),
+                source,
+                revision: known.revision,
+                seen_at: known.seen_at,
+                state,
+            }));
+        }
+        let name = match self.service_states.get_key_value(svc) {
+            Some((k, _)) => k.clone(),
+            None => Arc::<str>::from(svc),
+        };
+        let shared = self.service_state(&name, now);
+        Some(Arc::new(ServiceRoutes {
+            name,
+            endpoints,
+            rr: Default::default(),
+            shared,
+        }))
     }
 
     fn service_state(&mut self, name: &Arc<str>, now: Instant) -> Arc<ServiceState> {
@@ -400,34 +495,6 @@ impl Applier {
                 })
             })
             .clone()
-    }
-
-    fn update_gauges(&mut self, table: &Table, now: Instant) {
-        let mut next = Vec::with_capacity(table.services.len() * 2);
-        for (name, routes) in &table.services {
-            let ejected = routes
-                .endpoints
-                .iter()
-                .filter(|e| e.state.is_ejected(now))
-                .count();
-            for (state, n) in [
-                ("healthy", routes.endpoints.len() - ejected),
-                ("ejected", ejected),
-            ] {
-                let labels = EndpointLabels {
-                    service: name.clone(),
-                    state,
-                };
-                self.metrics.endpoints.get_or_create(&labels).set(n as i64);
-                next.push(labels);
-            }
-        }
-        for old in self.published_gauges.drain(..) {
-            if !next.contains(&old) {
-                self.metrics.endpoints.remove(&old);
-            }
-        }
-        self.published_gauges = next;
     }
 
     fn maybe_persist(&mut self, force: bool) {
