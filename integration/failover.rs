@@ -298,8 +298,10 @@ async fn retry_storm_is_capped_by_the_budget() {
 async fn p2c_ewma_avoids_a_slow_replica_and_round_robin_is_even() {
     let _timing = exclusive().await;
     let m = EtcdTrio::start("").await;
-    m.svc_b1.set_delay(Duration::from_millis(20));
-    m.svc_b2.set_delay(Duration::from_millis(2));
+    // 10x slower, at a scale (5 vs 50 ms) that CPU-scheduling noise on a
+    // shared 2-core machine cannot blur.
+    m.svc_b1.set_delay(Duration::from_millis(50));
+    m.svc_b2.set_delay(Duration::from_millis(5));
     let report = LoadGen::new(m.outbound())
         .host("b")
         .rate(200)
