@@ -269,6 +269,7 @@ async fn retry_storm_is_capped_by_the_budget() {
     m.svc_b1.set_status(503);
     m.svc_b2.set_status(503);
     let (b1, b2) = (m.svc_b1.requests(), m.svc_b2.requests());
+    let started = Instant::now();
     let report = LoadGen::new(m.outbound())
         .host("b")
         .rate(100)
@@ -277,7 +278,10 @@ async fn retry_storm_is_capped_by_the_budget() {
         .await;
     let offered = report.total() as f64;
     let seen = (m.svc_b1.requests() - b1 + m.svc_b2.requests() - b2) as f64;
-    let floor = 10.0 * 10.0; // 10 retries/s over the 10 s window
+    // The floor is 10 retries per second. The budget counts in 1 s buckets
+    // over a sliding 10 s window, so a run touching n buckets may use the
+    // floor of each: ceil(duration) + 1 seconds' worth.
+    let floor = 10.0 * (started.elapsed().as_secs_f64().ceil() + 1.0);
     println!(
         "retry storm: offered {offered}, upstreams saw {seen} ({:.2}x)",
         seen / offered
