@@ -4,22 +4,9 @@
 use std::time::{Duration, Instant};
 
 use crate::support::client;
-use crate::support::mesh::{etcd_key, etcd_spec};
+use crate::support::mesh::{etcd_key, etcd_spec, routed_instances};
 use crate::support::relay::Relay;
 use crate::support::{exclusive, wait_until, Etcd, LoadGen, Upstream};
-
-fn routed_instances(routes: &serde_json::Value, service: &str) -> Vec<String> {
-    let mut v: Vec<String> = routes["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == service)
-        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e["instance"].as_str().map(String::from))
-        .collect();
-    v.sort();
-    v
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_within_a_second_with_the_documented_json() {

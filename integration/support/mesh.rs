@@ -240,17 +240,7 @@ impl EtcdTrio {
 
     /// Instances of `service` in a's routing table, sorted.
     pub async fn instances(&self, service: &str) -> Vec<String> {
-        let routes = self.a.routes_json().await;
-        let mut v: Vec<String> = routes["services"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["name"] == service)
-            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-            .filter_map(|e| e["instance"].as_str().map(String::from))
-            .collect();
-        v.sort();
-        v
+        routed_instances(&self.a.routes_json().await, service)
     }
 
     /// a's view of one endpoint (the `/routes` entry), if listed.
@@ -263,4 +253,18 @@ impl EtcdTrio {
             .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
             .find(|e| e["instance"] == instance)
     }
+}
+
+/// Instances of `service` in a `/routes` document, sorted.
+pub fn routed_instances(routes: &serde_json::Value, service: &str) -> Vec<String> {
+    let mut v: Vec<String> = routes["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["instance"].as_str().map(String::from))
+        .collect();
+    v.sort();
+    v
 }
