@@ -7,31 +7,17 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::*;
-use crate::config::{LbKind, OutlierConfig, UpstreamPolicy};
+use crate::config::{LbKind, UpstreamPolicy};
 use crate::discovery::Endpoint;
 use crate::outbound::pool::PeerPool;
 use crate::registry::EndpointRecord;
 
+/// The built-in policy (5 failures eject for 30 s, at most 50% ejected,
+/// panic below 50%) with the balancer under test.
 fn policy(lb: LbKind) -> UpstreamPolicy {
     UpstreamPolicy {
         lb,
-        connect_timeout: Duration::from_secs(1),
-        timeout: Duration::from_secs(15),
-        per_try_timeout: None,
-        idle_timeout: Duration::from_secs(60),
-        retries: 2,
-        retry_budget_percent: 20,
-        retry_budget_min_per_sec: 10,
-        max_requests: 10_000,
-        max_requests_per_endpoint: 1_000,
-        outlier: OutlierConfig {
-            consecutive_failures: 5,
-            consecutive_connect_failures: 2,
-            base_ejection: Duration::from_secs(30),
-            max_ejection: Duration::from_secs(300),
-            max_ejection_percent: 50,
-        },
-        panic_threshold_percent: 50,
+        ..UpstreamPolicy::default()
     }
 }
 

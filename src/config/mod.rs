@@ -280,6 +280,16 @@ pub struct TlsConfig {
     pub reload_interval: Duration,
 }
 
+// === impl UpstreamPolicy ===
+
+impl Default for UpstreamPolicy {
+    /// The built-in policy: what an upstream gets when neither `[outbound]`
+    /// nor its own `[[upstreams]]` entry says otherwise.
+    fn default() -> Self {
+        validate::builtin_policy()
+    }
+}
+
 // === impl Config ===
 
 impl Config {

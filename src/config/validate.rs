@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use super::raw::{Problems, Section};
 use super::Config;
 
+pub(crate) use policy::builtin_policy;
 pub(crate) use redact::redacted_json;
 
 /// Why a configuration could not be loaded.

@@ -43,15 +43,12 @@ const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 /// pace themselves) when the applier falls behind.
 pub const UPDATE_CHANNEL: usize = 1024;
 
-/// Readiness and freshness flags shared with the admin API.
+/// Readiness flag shared with the admin API (staleness and generation are
+/// in the published [`Table`] itself).
 #[derive(Debug, Default)]
 pub struct DiscoveryStatus {
     /// A table from a registry (or the state file) has been published.
     pub loaded: AtomicBool,
-    /// The current table is stale.
-    pub stale: AtomicBool,
-    /// Last published generation.
-    pub generation: AtomicU64,
 }
 
 /// What one source currently says.
@@ -86,7 +83,8 @@ pub struct Applier {
     metrics: Arc<Metrics>,
     state_file: Option<PathBuf>,
     generation: u64,
-    dirty_since: Option<Instant>,
+    /// The published table differs from the state file on disk.
+    persist_pending: bool,
     last_persist: Option<Instant>,
     /// Services whose routes must be rebuilt at the next publish.
     dirty: Dirty,
@@ -141,7 +139,7 @@ impl Applier {
             metrics,
             state_file,
             generation: 0,
-            dirty_since: None,
+            persist_pending: false,
             last_persist: None,
             dirty: Dirty::All,
         }
@@ -402,10 +400,6 @@ impl Applier {
             built_at: Some(SystemTime::now()),
         };
         self.table.store(Arc::new(table));
-        self.status
-            .generation
-            .store(self.generation, Ordering::Relaxed);
-        self.status.stale.store(stale, Ordering::Relaxed);
         self.status.loaded.store(true, Ordering::Relaxed);
         self.metrics.table_updates.inc();
         self.metrics
@@ -413,7 +407,7 @@ impl Applier {
             .observe(now.elapsed().as_secs_f64());
         self.metrics.table_stale.set(stale as i64);
         if self.sources[..self.state_source].iter().any(|s| s.loaded) {
-            self.dirty_since.get_or_insert(now);
+            self.persist_pending = true;
             self.maybe_persist(false);
         }
     }
@@ -498,9 +492,12 @@ impl Applier {
     }
 
     fn maybe_persist(&mut self, force: bool) {
-        let (Some(path), Some(since)) = (self.state_file.clone(), self.dirty_since) else {
+        let Some(path) = self.state_file.clone() else {
             return;
         };
+        if !self.persist_pending {
+            return;
+        }
         let now = Instant::now();
         let due = self
             .last_persist
@@ -508,7 +505,6 @@ impl Applier {
         if !(force || due) {
             return;
         }
-        let _ = since;
         let table = self.table.load();
         let records: Vec<EndpointRecord> = table
             .services
@@ -519,7 +515,7 @@ impl Applier {
             tracing::warn!(path = %path.display(), error = %e, "could not persist routing table");
         }
         self.last_persist = Some(now);
-        self.dirty_since = None;
+        self.persist_pending = false;
     }
 }
 

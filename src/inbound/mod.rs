@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::http::error::respond;
-use crate::http::headers::{self, CALLER, ORIG_PROTO};
+use crate::http::headers::{self, ORIG_PROTO};
 use crate::http::{Body, ProxyError};
 use crate::metrics::Metrics;
 use crate::outbound::error_chain;
@@ -218,10 +218,4 @@ impl Inbound {
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(parts, Body::incoming(body)))
     }
-}
-
-/// The identity header a peer claims (plaintext mesh) — kept for the local
-/// service; with mTLS it is replaced from the verified certificate.
-pub fn caller_of<B>(req: &Request<B>) -> Option<&str> {
-    req.headers().get(CALLER).and_then(|v| v.to_str().ok())
 }

@@ -40,7 +40,7 @@ const U32_MAX: i64 = u32::MAX as i64;
 
 /// The built-in policy, used where neither `[outbound]` nor the upstream's
 /// own entry says otherwise.
-fn builtin_policy() -> UpstreamPolicy {
+pub(crate) fn builtin_policy() -> UpstreamPolicy {
     UpstreamPolicy {
         lb: LbKind::P2cEwma,
         connect_timeout: Duration::from_secs(1),
