@@ -3,7 +3,8 @@
 # Idempotent: a second run changes nothing and touches no network.
 #
 #   etcd-server etcd-client  a real etcd for the registry integration tests
-#   protobuf-compiler        etcd-client's build script compiles etcd's .proto files
+#   protobuf-compiler        etcd-client's build script compiles etcd's .proto files;
+#   libprotobuf-dev          ... which import google/protobuf/*.proto (only a Recommends of protoc)
 #   debootstrap              scripts/offline-images.sh builds a base image without a registry
 #   wrk curl                 benchmarks and manual pokes at the mesh
 #   docker compose (v2)      the compose mesh; Debian 12 ships only docker-compose v1
@@ -14,7 +15,7 @@
 # through a private apt state that never touches the system's sources or package cache.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler debootstrap wrk curl)
+PACKAGES=(etcd-server etcd-client protobuf-compiler libprotobuf-dev debootstrap wrk curl)
 # Private apt state for the trixie lookup (kept across runs as a cache).
 TRIXIE_DIR="${OUTRIGGER_APT_CACHE:-/var/cache/outrigger-apt}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
