@@ -595,3 +595,99 @@ async fn etcd_to_consul_migration_one_service_at_a_time_with_zero_failed_request
     let resp = crate::support::client::get_with_host(out1, "b", "/").await;
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_registry_down_does_not_stop_the_other() {
+    let _shared = shared().await;
+    let etcd = Etcd::start().await;
+    let mut consul = ConsulFixture::start().await;
+    let both = registry_list(&[
+        consul_registry(&consul.url(), "2s"),
+        etcd_registry(&etcd.endpoint(), "2s"),
+    ]);
+    let (svc_a, svc_b1, svc_b2) = (
+        Upstream::start("a1").await,
+        Upstream::start("b1").await,
+        Upstream::start("b2").await,
+    );
+    let mut a = SidecarSpec::new("a", "a-1", &svc_a, both.clone()).start();
+    let mut b1 = SidecarSpec::new("b", "b-1", &svc_b1, both).start();
+    a.wait_ready().await;
+    b1.wait_ready().await;
+    let a_ref = &a;
+    wait_until(
+        "a routes to b-1 (consul listed first)",
+        Duration::from_secs(5),
+        || async move { sources(a_ref, "b").await == ["0-consul"] },
+    )
+    .await;
+
+    // Consul goes away: its registry reports down, etcd keeps serving
+    // updates (b-2 registers in etcd only), and b-1 stays routable.
+    consul.stop();
+    let mut b2 =
+        SidecarSpec::new("b", "b-2", &svc_b2, etcd_registry(&etcd.endpoint(), "2s")).start();
+    b2.wait_ready().await;
+    wait_until(
+        "etcd's b-2 arrives while consul is down",
+        Duration::from_secs(5),
+        || async move { instances(a_ref, "b").await == ["b-1", "b-2"] },
+    )
+    .await;
+    wait_until(
+        "a reports consul down",
+        Duration::from_secs(5),
+        || async move { a_ref.routes_json().await["registries"][0]["connected"] == false },
+    )
+    .await;
+    let routes = a.routes_json().await;
+    assert_eq!(routes["registries"][0]["name"], "0-consul");
+    assert_eq!(routes["registries"][1]["name"], "1-etcd");
+    assert_eq!(routes["registries"][1]["connected"], true);
+    assert_eq!(
+        routes["stale"], true,
+        "a registry is down: the table says so"
+    );
+    let m = a.metrics().await;
+    assert_eq!(
+        parse_metric(&m, "outrigger_registry_connected{registry=\"0-consul\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        parse_metric(&m, "outrigger_registry_connected{registry=\"1-etcd\"}"),
+        Some(1.0)
+    );
+    let outbound = a.outbound.expect("outbound");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let r = crate::support::client::get_with_host(outbound, "b", "/").await;
+        assert_eq!(r.status(), 200);
+        seen.insert(
+            crate::support::client::json(&r)["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
+    }
+    assert_eq!(
+        seen,
+        ["b1".to_string(), "b2".to_string()].into(),
+        "both replicas serve"
+    );
+    // a turns unready once its next check update (every TTL/3) fails.
+    let body = wait_until("a not ready", Duration::from_secs(3), || async move {
+        let (status, body) = a_ref.admin_get("/ready").await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("not registered in 0-consul"), "{body}");
+    // Consul returns: a registers again, and the table is fresh again.
+    consul.listen().await;
+    a.wait_ready().await;
+    let a_ref = &a;
+    wait_until("table fresh again", Duration::from_secs(5), || async move {
+        a_ref.routes_json().await["stale"] == false
+    })
+    .await;
+    b1.wait_ready().await;
+}
