@@ -457,6 +457,43 @@ pub(crate) fn encode_segment(s: &str) -> String {
 mod tests {
     use super::*;
 
+    fn settings(ca: Option<PathBuf>) -> ConsulSettings {
+        ConsulSettings {
+            endpoints: vec!["https://consul:8501".into()],
+            token: None,
+            ttl: Duration::from_secs(5),
+            deregister_critical_after: Duration::from_secs(60),
+            tags: Vec::new(),
+            wait: Duration::from_secs(60),
+            datacenter: None,
+            ca,
+        }
+    }
+
+    #[test]
+    fn tls_setup_reads_the_ca_and_names_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let name: Arc<str> = "0-consul".into();
+        // No CA: the platform's roots (ring provider, no aws-lc needed).
+        assert!(ConsulRegistry::new(settings(None), name.clone(), metrics.clone()).is_ok());
+        let ca = rcgen::generate_simple_self_signed(vec!["consul".into()]).unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.cert.pem()).unwrap();
+        assert!(ConsulRegistry::new(settings(Some(good)), name.clone(), metrics.clone()).is_ok());
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let err = ConsulRegistry::new(settings(Some(junk.clone())), name.clone(), metrics.clone())
+            .err()
+            .expect("junk CA refused");
+        assert!(err.to_string().contains("junk.pem"), "{err}");
+        let missing = dir.path().join("missing.pem");
+        let err = ConsulRegistry::new(settings(Some(missing)), name, metrics)
+            .err()
+            .expect("missing CA refused");
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+    }
+
     #[test]
     fn encodes_segments() {
         assert_eq!(encode_segment("b-1.x_y"), "b-1.x_y");
