@@ -2,6 +2,7 @@
 //! upstream servers and real clients. The shared harness is in [`support`];
 //! `support_selftest` checks the harness itself without needing a sidecar.
 
+mod consul;
 mod etcd_backend;
 mod etcd_sidecar;
 mod failover;

@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::discovery::{DiscoveryStatus, Table};
 use crate::health::RegistryHandle;
 use crate::http::Body;
-use crate::metrics::{EndpointLabels, Metrics};
+use crate::metrics::{EndpointLabels, Metrics, RegistryLabels};
 
 /// Everything the admin endpoints report on.
 pub struct Admin {
@@ -146,9 +146,27 @@ impl Admin {
                 json!({ "name": &*s.name, "endpoints": endpoints })
             })
             .collect();
+        // Each registry's own state, so an operator migrating between
+        // registries sees which one is up and holds our registration.
+        let registries: Vec<_> = self
+            .registries
+            .iter()
+            .map(|r| {
+                let labels = RegistryLabels {
+                    registry: r.name.clone(),
+                };
+                json!({
+                    "name": &*r.name,
+                    "kind": r.registry.kind(),
+                    "connected": self.metrics.registry_connected.get_or_create(&labels).get() == 1,
+                    "registered": r.registered.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
         json!({
             "generation": table.generation,
             "stale": table.stale,
+            "registries": registries,
             "services": services,
         })
     }

@@ -86,9 +86,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     // 2. Registries and discovery.
     let mut handles = Vec::new();
     for (i, rc) in config.registries.iter().enumerate() {
-        let registry = registry::build(rc)?;
+        let name = registry::registry_name(i, rc);
+        let ctx = registry::BuildContext {
+            name: name.clone(),
+            service: &config.service,
+            metrics: metrics.clone(),
+        };
+        let registry = registry::build(rc, &ctx)?;
         handles.push(RegistryHandle {
-            name: format!("{i}-{}", registry.kind()).into(),
+            name,
             registry,
             registered: AtomicBool::new(false),
         });

@@ -16,7 +16,8 @@
 //! # Layout
 //! - [`config`]: TOML → validated [`config::Config`]; every invalid field reported at once.
 //! - [`registry`]: the [`registry::Registry`] trait, the registry record, and the
-//!   `static` and `etcd` backends.
+//!   `static`, `etcd` and `consul` backends (each of the last two behind its
+//!   Cargo feature).
 //! - [`discovery`]: applies typed registry updates and publishes the routing
 //!   snapshot ([`discovery::Table`]) with `ArcSwap`; persists it for restarts.
 //! - [`balance`]: per-endpoint state (peak-EWMA, in-flight, ejection), retry

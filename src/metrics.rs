@@ -74,6 +74,28 @@ pub struct RegistryOpLabels {
     pub op: &'static str,
 }
 
+/// `consul_requests_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsulRequestLabels {
+    /// Registry index and kind, e.g. `1-consul`.
+    pub registry: Arc<str>,
+    /// `register`, `check_update`, `deregister`, `catalog`, `health`.
+    pub op: &'static str,
+    /// `ok`, `status` (the agent refused) or `error` (no answer).
+    pub outcome: &'static str,
+}
+
+/// `consul_index_resets_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IndexResetLabels {
+    /// Registry index and kind.
+    pub registry: Arc<str>,
+    /// `catalog` or `health`.
+    pub query: &'static str,
+    /// `backwards` (reset to 0) or `below_one` (raised to 1).
+    pub reason: &'static str,
+}
+
 /// All metrics of one sidecar.
 #[derive(Debug)]
 pub struct Metrics {
@@ -104,6 +126,10 @@ pub struct Metrics {
     pub registry_errors: Family<RegistryOpLabels, Counter>,
     /// Malformed registry values skipped.
     pub malformed_values: Family<RegistryLabels, Counter>,
+    /// Consul agent HTTP requests by operation and outcome.
+    pub consul_requests: Family<ConsulRequestLabels, Counter>,
+    /// Consul blocking-query index resets (Consul's index rules).
+    pub consul_index_resets: Family<IndexResetLabels, Counter>,
     /// Routing tables published.
     pub table_updates: Counter,
     /// Time to build one routing table (the applier's work per batch).
@@ -139,6 +165,8 @@ impl Metrics {
             registered: Family::default(),
             registry_errors: Family::default(),
             malformed_values: Family::default(),
+            consul_requests: Family::default(),
+            consul_index_resets: Family::default(),
             table_updates: Counter::default(),
             table_build: Histogram::new(BUILD_BUCKETS.iter().copied()),
             table_stale: Gauge::default(),
@@ -207,6 +235,16 @@ impl Metrics {
             "registry_malformed_values",
             "Malformed registry values skipped",
             m.malformed_values.clone(),
+        );
+        r.register(
+            "consul_requests",
+            "Consul agent HTTP requests, by operation and outcome",
+            m.consul_requests.clone(),
+        );
+        r.register(
+            "consul_index_resets",
+            "Consul blocking-query index resets (backwards: to 0; below_one: to 1)",
+            m.consul_index_resets.clone(),
         );
         r.register(
             "routing_table_updates",

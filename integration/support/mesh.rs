@@ -43,8 +43,14 @@ impl SidecarSpec {
         }
     }
 
-    /// The rendered TOML.
+    /// The rendered TOML. A `registry` body that starts with `[[registry]]`
+    /// is a list of registries and is rendered as is.
     pub fn toml(&self) -> String {
+        let registry = if self.registry.trim_start().starts_with("[[registry]]") {
+            self.registry.clone()
+        } else {
+            format!("[registry]\n{}", self.registry)
+        };
         format!(
             r#"[service]
 name = "{service}"
@@ -61,7 +67,6 @@ timeout = "200ms"
 [runtime]
 drain_timeout = "5s"
 
-[registry]
 {registry}
 
 {extra}
@@ -72,7 +77,7 @@ drain_timeout = "5s"
             advertise = self.ports.inbound_addr(),
             service_extra = self.service_extra,
             listeners = self.ports.listeners_toml(),
-            registry = self.registry,
+            registry = registry,
             extra = self.extra,
         )
     }
@@ -94,6 +99,21 @@ pub fn static_registry(file: &std::path::Path) -> String {
 /// `[registry]` body for etcd.
 pub fn etcd_registry(endpoint: &str, ttl: &str) -> String {
     format!("kind = \"etcd\"\nendpoints = [\"{endpoint}\"]\nttl = \"{ttl}\"")
+}
+
+/// `[registry]` body for Consul: the agent URL, check TTL and a 2 s
+/// blocking wait (so index anomalies show within seconds).
+pub fn consul_registry(url: &str, ttl: &str) -> String {
+    format!("kind = \"consul\"\nendpoints = [\"{url}\"]\nttl = \"{ttl}\"\nwait = \"2s\"")
+}
+
+/// A list of registries (`[[registry]]` tables) from `[registry]` bodies.
+pub fn registry_list(bodies: &[String]) -> String {
+    bodies
+        .iter()
+        .map(|b| format!("[[registry]]\n{b}\n"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// One static endpoints entry.

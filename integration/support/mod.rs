@@ -9,6 +9,9 @@
 //! - [`wait`]: poll-until-true with a deadline (the only sleeping allowed);
 //! - [`process`]: a spawned child with a log file, signals and reaping;
 //! - [`etcd`]: a throwaway single-node etcd plus `etcdctl` helpers;
+//! - [`consul_fixture`]: a Consul HTTP API *fixture* (not Consul): the agent
+//!   endpoints outrigger uses, with Consul's documented semantics and fault
+//!   controls;
 //! - [`sidecar`]: the `outrigger` binary under test and its admin API;
 //! - [`metrics`]: summing Prometheus samples by series prefix;
 //! - [`upstream`]: a recording HTTP/1.1 + h2c + WebSocket test server;
@@ -27,6 +30,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod consul_fixture;
 pub mod etcd;
 pub mod files;
 pub mod loadgen;
@@ -39,6 +43,7 @@ pub mod sidecar;
 pub mod upstream;
 pub mod wait;
 
+pub use consul_fixture::ConsulFixture;
 pub use etcd::Etcd;
 pub use files::FileDir;
 pub use loadgen::{LoadGen, LoadMode, LoadReport};

@@ -147,15 +147,23 @@ pub enum RegistryKind {
     },
     /// Consul agent HTTP API.
     Consul {
-        /// Agent URL, e.g. `http://127.0.0.1:8500`.
-        address: String,
-        /// ACL token; falls back to `CONSUL_HTTP_TOKEN` (redacted in `/config`).
+        /// Agent URLs, e.g. `http://127.0.0.1:8500`; tried in order, the
+        /// next one after a failure.
+        endpoints: Vec<String>,
+        /// ACL token (`X-Consul-Token`); the backend falls back to
+        /// `CONSUL_HTTP_TOKEN` when unset. Redacted in `/config`.
         token: Option<String>,
-        /// Consul `DeregisterCriticalServiceAfter`.
-        deregister_after: Duration,
+        /// Consul `DeregisterCriticalServiceAfter` of the TTL check: how long
+        /// a dead sidecar's registration lingers (critical, so unrouted)
+        /// before the agent reaps it. At least 1m, Consul's minimum.
+        deregister_critical_after: Duration,
+        /// Extra Consul tags for the registration (after `service.tags`).
+        tags: Vec<String>,
+        /// Longest blocking-query wait; the agent caps it at 10m.
+        wait: Duration,
         /// Consul datacenter to query; `None` means the agent's own.
         datacenter: Option<String>,
-        /// CA bundle for TLS to the agent.
+        /// CA bundle (PEM) for `https://` agent endpoints.
         ca: Option<PathBuf>,
     },
     /// A TOML file of endpoints, re-read when it changes.

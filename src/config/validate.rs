@@ -104,6 +104,7 @@ pub(super) fn validate_with(
     }
     let runtime = sections::runtime(&root.table("runtime"));
     let registries = registry::registries(&root);
+    registry::check_consul_ttls(&root, &registries, service.health.interval);
     let outbound = policy::outbound(&root.table("outbound"));
     let upstreams = policy::upstreams(&root, &outbound.defaults, &listeners);
     let limits = sections::limits(&root.table("limits"));

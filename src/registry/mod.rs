@@ -14,6 +14,9 @@ pub mod static_file;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 
+#[cfg(feature = "consul")]
+pub mod consul;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,7 +28,8 @@ pub use record::{
     MAX_RECORD_BYTES, MAX_WEIGHT,
 };
 
-use crate::config::{RegistryConfig, RegistryKind};
+use crate::config::{RegistryConfig, RegistryKind, ServiceConfig};
+use crate::metrics::Metrics;
 
 /// A boxed, sendable future; the trait is object-safe so a sidecar can hold
 /// several registries at once.
@@ -157,8 +161,35 @@ impl UpdateTx {
     }
 }
 
+/// What a backend may need besides its own section.
+#[derive(Clone)]
+pub struct BuildContext<'a> {
+    /// The registry's name for logs and metrics (`1-consul`).
+    pub name: Arc<str>,
+    /// The local service (Consul registers its tags).
+    pub service: &'a ServiceConfig,
+    /// Where backends count their own requests and faults.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The name a registry goes by in logs, metrics and `/routes`: its index in
+/// the config and its kind (`0-etcd`, `1-consul`).
+pub fn registry_name(index: usize, cfg: &RegistryConfig) -> Arc<str> {
+    let kind = match cfg.kind {
+        RegistryKind::Etcd { .. } => "etcd",
+        RegistryKind::Consul { .. } => "consul",
+        RegistryKind::Static { .. } => "static",
+    };
+    format!("{index}-{kind}").into()
+}
+
 /// Build the backend for one registry section.
-pub fn build(cfg: &RegistryConfig) -> Result<Arc<dyn Registry>, RegistryError> {
+pub fn build(
+    cfg: &RegistryConfig,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<dyn Registry>, RegistryError> {
+    // Only some backends need the context.
+    let _ = ctx;
     match &cfg.kind {
         RegistryKind::Static {
             file,
@@ -184,9 +215,47 @@ pub fn build(cfg: &RegistryConfig) -> Result<Arc<dyn Registry>, RegistryError> {
             backend: "etcd",
             message: "this build has no etcd support (feature `etcd`)".into(),
         }),
+        #[cfg(feature = "consul")]
+        RegistryKind::Consul {
+            endpoints,
+            token,
+            deregister_critical_after,
+            tags,
+            wait,
+            datacenter,
+            ca,
+        } => {
+            // The service's own tags first, then the registry's.
+            let mut all_tags = ctx.service.tags.clone();
+            all_tags.extend(
+                tags.iter()
+                    .filter(|t| !ctx.service.tags.contains(t))
+                    .cloned(),
+            );
+            let settings = consul::ConsulSettings {
+                endpoints: endpoints.clone(),
+                // Consul's own CLI convention: the environment supplies the
+                // token when the config does not.
+                token: token.clone().or_else(|| {
+                    std::env::var("CONSUL_HTTP_TOKEN")
+                        .ok()
+                        .filter(|t| !t.trim().is_empty())
+                }),
+                ttl: cfg.ttl,
+                deregister_critical_after: *deregister_critical_after,
+                tags: all_tags,
+                wait: *wait,
+                datacenter: datacenter.clone(),
+                ca: ca.clone(),
+            };
+            let registry =
+                consul::ConsulRegistry::new(settings, ctx.name.clone(), ctx.metrics.clone())?;
+            Ok(Arc::new(registry))
+        }
+        #[cfg(not(feature = "consul"))]
         RegistryKind::Consul { .. } => Err(RegistryError::Unavailable {
             backend: "consul",
-            message: "the consul backend is not available in this build yet".into(),
+            message: "this build has no consul support (feature `consul`)".into(),
         }),
     }
 }

@@ -31,7 +31,15 @@ impl Backend {
     fn keys(self) -> &'static [&'static str] {
         match self {
             Backend::Etcd => &["endpoints", "username", "password"],
-            Backend::Consul => &["address", "token", "deregister_after", "datacenter", "ca"],
+            Backend::Consul => &[
+                "endpoints",
+                "token",
+                "deregister_critical_after",
+                "tags",
+                "wait",
+                "datacenter",
+                "ca",
+            ],
             Backend::Static => &["file", "poll_interval"],
         }
     }
@@ -58,6 +66,33 @@ pub(super) fn registries(root: &Section<'_>) -> Vec<RegistryConfig> {
     sections.iter().filter_map(registry).collect()
 }
 
+/// A Consul check is passed from the probe's ticks, so its TTL must span
+/// at least two of them or one late tick would turn it critical.
+pub(super) fn check_consul_ttls(
+    root: &Section<'_>,
+    registries: &[RegistryConfig],
+    interval: Duration,
+) {
+    let single = matches!(root.raw("registry"), Some(Value::Table(_)));
+    for (i, r) in registries.iter().enumerate() {
+        if matches!(r.kind, RegistryKind::Consul { .. }) && r.ttl < interval * 2 {
+            let key = if single {
+                "ttl".to_owned()
+            } else {
+                format!("[{i}].ttl")
+            };
+            root.error(
+                &format!("registry{}{key}", if single { "." } else { "" }),
+                format!(
+                    "must be at least twice service.health.interval ({}) for kind = \"consul\": \
+                     the check is passed on probe ticks",
+                    crate::config::format_duration(interval)
+                ),
+            );
+        }
+    }
+}
+
 /// One registry table; `None` when its kind is missing or unknown (the
 /// other problems in it are still reported).
 fn registry(sec: &Section<'_>) -> Option<RegistryConfig> {
@@ -77,8 +112,15 @@ fn registry(sec: &Section<'_>) -> Option<RegistryConfig> {
     let backend = backend?;
     // Silently ignoring `file` under kind = "etcd" would hide a config that
     // was meant for another backend.
+    // (A key several backends share, like `endpoints`, is fine for any of
+    // them and reported once otherwise.)
+    let mut reported: Vec<&str> = Vec::new();
     for other in BACKENDS.into_iter().filter(|b| *b != backend) {
         for key in other.keys().iter().filter(|key| sec.has(key)) {
+            if backend.keys().contains(key) || reported.contains(key) {
+                continue;
+            }
+            reported.push(key);
             sec.error(key, format!("only valid with kind = {:?}", other.name()));
         }
     }
@@ -113,19 +155,69 @@ fn etcd(sec: &Section<'_>) -> RegistryKind {
     }
 }
 
+/// Consul's own floor for `DeregisterCriticalServiceAfter`: the agent
+/// rounds anything shorter up to one minute, so a smaller value would
+/// silently not mean what it says.
+const CONSUL_MIN_DEREGISTER: Duration = Duration::from_secs(60);
+
+/// Consul caps a blocking query's `wait` at ten minutes.
+const CONSUL_MAX_WAIT: Duration = Duration::from_secs(600);
+
 fn consul(sec: &Section<'_>) -> RegistryKind {
+    let endpoints = sec
+        .strings("endpoints", check_url)
+        .unwrap_or_else(|| vec!["http://127.0.0.1:8500".to_owned()]);
+    if endpoints.is_empty() {
+        sec.error("endpoints", "needs at least one endpoint");
+    }
+    let wait = sec
+        .duration_at_least("wait", Duration::from_secs(1))
+        .unwrap_or(Duration::from_secs(60));
+    if wait > CONSUL_MAX_WAIT {
+        sec.error(
+            "wait",
+            "must be at most 10m (Consul caps blocking queries there)",
+        );
+    }
+    let datacenter = sec.parse("datacenter", "a string", |s| {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if ok {
+            Ok(s.to_owned())
+        } else {
+            Err(format!(
+                "{s:?} is not a datacenter name (letters, digits, '-', '_', '.')"
+            ))
+        }
+    });
+    let tags = sec
+        .strings("tags", |t| {
+            if t.is_empty() || t.len() > 255 || t.chars().any(char::is_control) {
+                Err(format!(
+                    "{t:?} is not a usable tag (1-255 printable characters)"
+                ))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_or_default();
     RegistryKind::Consul {
-        address: sec
-            .parse("address", "a string", |s| {
-                check_url(s).map(|()| s.to_owned())
-            })
-            .unwrap_or_else(|| "http://127.0.0.1:8500".to_owned()),
-        token: sec.string("token"),
-        // Consul rejects anything below one minute.
-        deregister_after: sec
-            .duration_at_least("deregister_after", Duration::from_secs(60))
-            .unwrap_or(Duration::from_secs(60)),
-        datacenter: sec.string("datacenter"),
+        endpoints,
+        token: sec.parse("token", "a string", |s| {
+            if s.is_empty() || s.chars().any(char::is_control) {
+                Err("must be a non-empty token without control characters".to_owned())
+            } else {
+                Ok(s.to_owned())
+            }
+        }),
+        deregister_critical_after: sec
+            .duration_at_least("deregister_critical_after", CONSUL_MIN_DEREGISTER)
+            .unwrap_or(CONSUL_MIN_DEREGISTER),
+        tags,
+        wait,
+        datacenter,
         ca: sec.path_buf("ca"),
     }
 }

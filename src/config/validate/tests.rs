@@ -330,9 +330,11 @@ fn registry_list_of_every_kind() {
         prefix = "/prod"
         [[registry]]
         kind = "consul"
-        address = "https://consul:8501"
+        endpoints = ["https://consul:8501"]
         token = "t0k"
-        deregister_after = "5m"
+        deregister_critical_after = "5m"
+        tags = ["blue", "v2"]
+        wait = "30s"
         datacenter = "dc2"
         ca = "certs/consul-ca.pem"
         ttl = "10s"
@@ -351,15 +353,19 @@ fn registry_list_of_every_kind() {
     assert_eq!(c.registries[1].ttl, secs(10));
     match &c.registries[1].kind {
         RegistryKind::Consul {
-            address,
+            endpoints,
             token,
-            deregister_after,
+            deregister_critical_after,
+            tags,
+            wait,
             datacenter,
             ca,
         } => {
-            assert_eq!(address, "https://consul:8501");
+            assert_eq!(endpoints, &["https://consul:8501"]);
             assert_eq!(token.as_deref(), Some("t0k"));
-            assert_eq!(*deregister_after, secs(300));
+            assert_eq!(*deregister_critical_after, secs(300));
+            assert_eq!(tags, &["blue", "v2"]);
+            assert_eq!(*wait, secs(30));
             assert_eq!(datacenter.as_deref(), Some("dc2"));
             // Relative paths are kept as given.
             assert_eq!(
@@ -386,14 +392,18 @@ fn consul_defaults() {
     let c = load("[service]\nname = \"b\"\naddress = \"app:1\"\n[registry]\nkind = \"consul\"");
     match &c.registries[0].kind {
         RegistryKind::Consul {
-            address,
+            endpoints,
             token,
-            deregister_after,
+            deregister_critical_after,
+            tags,
+            wait,
             datacenter,
             ca,
         } => {
-            assert_eq!(address, "http://127.0.0.1:8500");
-            assert_eq!(*deregister_after, secs(60));
+            assert_eq!(endpoints, &["http://127.0.0.1:8500"]);
+            assert_eq!(*deregister_critical_after, secs(60));
+            assert_eq!(*wait, secs(60));
+            assert!(tags.is_empty());
             assert_eq!((token, datacenter, ca), (&None, &None, &None));
         }
         other => panic!("expected consul, got {other:?}"),
@@ -636,8 +646,11 @@ fn registry_field_rules() {
         endpoints = []
         [[registry]]
         kind = "consul"
-        address = "consul:8500"
-        deregister_after = "30s"
+        endpoints = ["consul:8500"]
+        deregister_critical_after = "30s"
+        wait = "11m"
+        tags = [""]
+        token = ""
         password = "p"
         [[registry]]
         kind = "static"
@@ -652,8 +665,11 @@ fn registry_field_rules() {
             "registry[0].endpoints: needs at least one endpoint",
             "registry[0].password: missing (required when username is set)",
             r#"registry[1].password: only valid with kind = "etcd""#,
-            r#"registry[1].address: "consul:8500" must be an http:// or https:// URL (e.g. "http://127.0.0.1:2379")"#,
-            "registry[1].deregister_after: must be at least 1m, got 30s",
+            r#"registry[1].endpoints[0]: "consul:8500" must be an http:// or https:// URL (e.g. "http://127.0.0.1:2379")"#,
+            "registry[1].wait: must be at most 10m (Consul caps blocking queries there)",
+            r#"registry[1].tags[0]: "" is not a usable tag (1-255 printable characters)"#,
+            "registry[1].token: must be a non-empty token without control characters",
+            "registry[1].deregister_critical_after: must be at least 1m, got 30s",
             "registry[2].file: must not be empty",
             "registry[2].poll_interval: must be greater than 0s",
         ]
@@ -1003,7 +1019,7 @@ fn redaction_of_consul_token_and_unset_secrets() {
     );
     let j = c.redacted_json();
     assert_eq!(j["registry"][0]["token"], json!("<redacted>"));
-    assert_eq!(j["registry"][0]["deregister_after"], json!("1m"));
+    assert_eq!(j["registry"][0]["deregister_critical_after"], json!("1m"));
     // Unset secrets stay null so an operator can tell they are unset.
     assert_eq!(j["registry"][1]["password"], json!(null));
     assert_eq!(j["registry"][2]["file"], json!("e.toml"));
@@ -1033,4 +1049,34 @@ fn integer_range_wording() {
             r#"outbound.max_requests_per_endpoint: expected an integer >= 1, got "many""#,
         ]
     );
+}
+
+#[test]
+fn consul_ttl_must_span_two_probe_ticks() {
+    let got = problems(
+        r#"
+        [service]
+        name = "b"
+        address = "app:8080"
+        [service.health]
+        interval = "2s"
+        [[registry]]
+        kind = "etcd"
+        ttl = "2s"
+        [[registry]]
+        kind = "consul"
+        ttl = "3s"
+        "#,
+    );
+    assert_eq!(
+        got,
+        vec![
+            r#"registry[1].ttl: must be at least twice service.health.interval (2s) for kind = "consul": the check is passed on probe ticks"#
+        ]
+    );
+    // Enough: no problem.
+    let c = load(
+        "[service]\nname = \"b\"\naddress = \"app:1\"\n[registry]\nkind = \"consul\"\nttl = \"2s\"",
+    );
+    assert_eq!(c.registries[0].ttl, secs(2));
 }
