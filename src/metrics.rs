@@ -102,8 +102,13 @@ pub struct Metrics {
     pub registered: Family<RegistryLabels, Gauge>,
     /// Failed registry operations.
     pub registry_errors: Family<RegistryOpLabels, Counter>,
-    /// Malformed registry values skipped.
+    /// Malformed registry values skipped (each distinct value once).
     pub malformed_values: Family<RegistryLabels, Counter>,
+    /// Times a registry was lost (watch broken, unreachable, stalled).
+    pub registry_disconnects: Family<RegistryLabels, Counter>,
+    /// Full re-reads of a registry after its first one: after a
+    /// reconnect, or because etcd compacted past the watch.
+    pub registry_resyncs: Family<RegistryLabels, Counter>,
     /// Routing tables published.
     pub table_updates: Counter,
     /// Time to build one routing table (the applier's work per batch).
@@ -139,6 +144,8 @@ impl Metrics {
             registered: Family::default(),
             registry_errors: Family::default(),
             malformed_values: Family::default(),
+            registry_disconnects: Family::default(),
+            registry_resyncs: Family::default(),
             table_updates: Counter::default(),
             table_build: Histogram::new(BUILD_BUCKETS.iter().copied()),
             table_stale: Gauge::default(),
@@ -207,6 +214,16 @@ impl Metrics {
             "registry_malformed_values",
             "Malformed registry values skipped",
             m.malformed_values.clone(),
+        );
+        r.register(
+            "registry_disconnects",
+            "Times a registry was lost (the last table keeps serving)",
+            m.registry_disconnects.clone(),
+        );
+        r.register(
+            "registry_resyncs",
+            "Full re-reads of a registry after the first (reconnect or compaction)",
+            m.registry_resyncs.clone(),
         );
         r.register(
             "routing_table_updates",
