@@ -7,5 +7,7 @@ mod etcd_backend;
 mod etcd_sidecar;
 mod failover;
 mod foundation;
+mod registry_faults;
+mod soak;
 mod support;
 mod support_selftest;

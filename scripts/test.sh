@@ -2,7 +2,10 @@
 # THE test command: what CI runs (via .ci/run) and what the README tells contributors
 # to run before pushing. Each section stops the run on its first failure.
 #
-# Sections, in order: format, lint, images, tests. The images section runs
+# Sections, in order: format, lint, supply chain, images, tests. The supply-chain
+# section runs scripts/audit.sh: cargo audit against the RustSec advisory database
+# at ADVISORY_DB (default ../shared/advisory-db), offline; it installs cargo-audit
+# the first time. The images section runs
 # scripts/offline-images.sh, so the compose end-to-end test (integration/compose.rs)
 # finds outrigger:local and outrigger-etcd:local built from this very tree; it needs
 # Docker, the Compose v2 plugin and root (debootstrap), all of which CI has.
@@ -35,6 +38,9 @@ cargo fmt --all -- --check
 
 section "lint: cargo clippy -D warnings${CARGO_ARGS:+ $CARGO_ARGS}"
 cargo clippy --locked --all-targets "${cargo_args[@]}" -- -D warnings
+
+section "supply chain: scripts/audit.sh (cargo audit, known-vulnerable dependencies)"
+scripts/audit.sh
 
 # The compose test target requires the etcd feature (Cargo.toml), so cargo leaves it
 # out exactly when these flags turn etcd off.

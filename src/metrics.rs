@@ -124,12 +124,17 @@ pub struct Metrics {
     pub registered: Family<RegistryLabels, Gauge>,
     /// Failed registry operations.
     pub registry_errors: Family<RegistryOpLabels, Counter>,
-    /// Malformed registry values skipped.
+    /// Malformed registry values skipped (each distinct value once).
     pub malformed_values: Family<RegistryLabels, Counter>,
     /// Consul agent HTTP requests by operation and outcome.
     pub consul_requests: Family<ConsulRequestLabels, Counter>,
     /// Consul blocking-query index resets (Consul's index rules).
     pub consul_index_resets: Family<IndexResetLabels, Counter>,
+    /// Times a registry was lost (watch broken, unreachable, stalled).
+    pub registry_disconnects: Family<RegistryLabels, Counter>,
+    /// Full re-reads of a registry after its first one: after a
+    /// reconnect, or because etcd compacted past the watch.
+    pub registry_resyncs: Family<RegistryLabels, Counter>,
     /// Routing tables published.
     pub table_updates: Counter,
     /// Time to build one routing table (the applier's work per batch).
@@ -167,6 +172,8 @@ impl Metrics {
             malformed_values: Family::default(),
             consul_requests: Family::default(),
             consul_index_resets: Family::default(),
+            registry_disconnects: Family::default(),
+            registry_resyncs: Family::default(),
             table_updates: Counter::default(),
             table_build: Histogram::new(BUILD_BUCKETS.iter().copied()),
             table_stale: Gauge::default(),
@@ -245,6 +252,14 @@ impl Metrics {
             "consul_index_resets",
             "Consul blocking-query index resets (backwards: to 0; below_one: to 1)",
             m.consul_index_resets.clone(),
+            "registry_disconnects",
+            "Times a registry was lost (the last table keeps serving)",
+            m.registry_disconnects.clone(),
+        );
+        r.register(
+            "registry_resyncs",
+            "Full re-reads of a registry after the first (reconnect or compaction)",
+            m.registry_resyncs.clone(),
         );
         r.register(
             "routing_table_updates",

@@ -18,6 +18,7 @@
 //! - [`client`]: one-shot requests, pooled, HTTP-proxy-style and h2c
 //!   clients, and a WebSocket client;
 //! - [`loadgen`]: open-loop load with latency/failure summaries per window;
+//! - [`watchdog`]: a sidecar's table and RSS sampled throughout a fault;
 //! - [`files`]: atomic and non-atomic file writes (static registry files).
 //!
 //! Every helper that does network I/O or waits is async on tokio; helpers
@@ -42,6 +43,7 @@ pub mod relay;
 pub mod sidecar;
 pub mod upstream;
 pub mod wait;
+pub mod watchdog;
 
 pub use consul_fixture::ConsulFixture;
 pub use etcd::Etcd;

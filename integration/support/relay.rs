@@ -1,19 +1,29 @@
 //! A TCP relay between a client (a sidecar) and a server (etcd) that a test
-//! can cut and restore, to partition one sidecar from the registry without
-//! stopping the registry for everyone else.
+//! can cut, blackhole and restore, to partition one sidecar from the
+//! registry without stopping the registry for everyone else.
+//!
+//! The two faults differ the way real networks do: [`Relay::cut`] closes
+//! every connection (a peer reset, a crashed middlebox), while
+//! [`Relay::pause`] keeps every socket open and simply stops forwarding
+//! (a blackhole: packets vanish, nobody says so), which only timeouts and
+//! keep-alives can detect. [`Relay::restore`] heals both; data held during
+//! a pause is delivered then, like TCP retransmissions after a heal.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// A cuttable TCP relay on a free loopback port.
+/// A cuttable, pausable TCP relay on a free loopback port.
 pub struct Relay {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
     cut_tx: watch::Sender<u64>,
+    paused_tx: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -24,6 +34,7 @@ impl Relay {
         let addr = listener.local_addr().expect("relay addr");
         let up = Arc::new(AtomicBool::new(true));
         let (cut_tx, cut_rx) = watch::channel(0u64);
+        let (paused_tx, paused_rx) = watch::channel(false);
         let flag = up.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -39,13 +50,27 @@ impl Relay {
                 let mut cut = cut_rx.clone();
                 // Only cuts after this connection was accepted count.
                 cut.borrow_and_update();
+                let paused = paused_rx.clone();
                 tokio::spawn(async move {
+                    // A connection opened during a blackhole hangs until
+                    // the heal, as a SYN into a blackhole would.
+                    let mut waiting = paused.clone();
+                    tokio::select! {
+                        r = waiting.wait_for(|p| !*p) => if r.is_err() { return },
+                        _ = cut.changed() => return,
+                    }
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    let (mut c, mut s) = (client, server);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut c, &mut s) => {}
+                        _ = async {
+                            tokio::join!(
+                                pump(cr, sw, paused.clone()),
+                                pump(sr, cw, paused),
+                            )
+                        } => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -55,6 +80,7 @@ impl Relay {
             addr,
             up,
             cut_tx,
+            paused_tx,
             task,
         }
     }
@@ -75,9 +101,35 @@ impl Relay {
         self.cut_tx.send_modify(|n| *n += 1);
     }
 
-    /// Relay again.
+    /// Blackhole: keep every connection open (and accept new ones) but
+    /// forward nothing in either direction until [`Relay::restore`].
+    pub fn pause(&self) {
+        self.paused_tx.send_replace(true);
+    }
+
+    /// Relay again (after [`Relay::cut`] or [`Relay::pause`]).
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+        self.paused_tx.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk (and the final FIN) while the
+/// relay is paused.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        if paused.wait_for(|p| !*p).await.is_err() {
+            return;
+        }
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

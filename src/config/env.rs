@@ -52,11 +52,51 @@ fn apply_one(table: &mut Table, name: &str, raw: &str) -> Result<(), String> {
     if segments.iter().any(String::is_empty) {
         return Err("empty path segment (use OUTRIGGER_SECTION__KEY)".to_owned());
     }
+    let value = match segments.last() {
+        // A string field takes the text as it is: `INSTANCE_ID=0` or
+        // `ZONE=true` are a name, not a number or a boolean (found by the
+        // property tests). Quoting still works for the other fields.
+        Some(key) if STRING_KEYS.contains(&key.as_str()) && !is_quoted(raw) => {
+            Value::String(raw.to_owned())
+        }
+        _ => parse_value(raw),
+    };
     let walk = Walk {
         segments: &segments,
-        value: parse_value(raw),
+        value,
     };
     walk.set_in_table(table, 0)
+}
+
+/// Config keys whose value is always a string, whatever it looks like.
+const STRING_KEYS: &[&str] = &[
+    "name",
+    "instance_id",
+    "address",
+    "advertise",
+    "zone",
+    "http",
+    "kind",
+    "prefix",
+    "file",
+    "username",
+    "password",
+    "token",
+    "datacenter",
+    "mesh_domain",
+    "lb",
+    "state_dir",
+    "ca",
+    "cert",
+    "key",
+    "trust_domain",
+];
+
+/// `"text"` or `'text'`: an explicitly quoted TOML string.
+fn is_quoted(raw: &str) -> bool {
+    let t = raw.trim();
+    t.len() >= 2
+        && ((t.starts_with('"') && t.ends_with('"')) || (t.starts_with('\'') && t.ends_with('\'')))
 }
 
 /// The value as TOML if it parses (`5`, `true`, `["a"]`, `"quoted"`), else

@@ -8,6 +8,8 @@
 
 mod duration;
 mod env;
+#[cfg(test)]
+mod proptests;
 mod raw;
 mod validate;
 

@@ -235,6 +235,14 @@ impl Applier {
                 }
                 src.endpoints = next;
                 src.revision = revision;
+                if src.loaded && source != self.state_source {
+                    self.metrics
+                        .registry_resyncs
+                        .get_or_create(&RegistryLabels {
+                            registry: src.name.clone(),
+                        })
+                        .inc();
+                }
                 src.loaded = true;
                 src.connected = true;
                 if source != self.state_source {
@@ -259,7 +267,11 @@ impl Applier {
                 true
             }
             Update::Upsert { endpoint, revision } => {
-                if revision != 0 && revision <= src.revision {
+                // Strictly older only: every change of one etcd transaction
+                // shares its revision (a bulk registration of 128 keys
+                // arrives as 128 upserts at one revision), and replaying an
+                // upsert is harmless. The source drops exact duplicates.
+                if revision != 0 && revision < src.revision {
                     tracing::debug!(source = %src.name, revision, applied = src.revision, "dropping stale upsert");
                     return false;
                 }
@@ -284,7 +296,8 @@ impl Applier {
                 instance,
                 revision,
             } => {
-                if revision != 0 && revision <= src.revision {
+                // Strictly older only, as for upserts.
+                if revision != 0 && revision < src.revision {
                     return false;
                 }
                 src.revision = src.revision.max(revision);
@@ -303,11 +316,18 @@ impl Applier {
                     .get_or_create(&labels)
                     .set(up as i64);
                 let changed = src.connected != up;
+                if changed && !up {
+                    self.metrics
+                        .registry_disconnects
+                        .get_or_create(&labels)
+                        .inc();
+                }
                 src.connected = up;
                 changed
             }
             Update::Malformed { key, reason } => {
-                tracing::warn!(source = %src.name, key, reason, "skipped malformed registry value");
+                // The source logged it (once per value, with its context).
+                tracing::debug!(source = %src.name, key, reason, "skipped malformed registry value");
                 self.metrics
                     .malformed_values
                     .get_or_create(&RegistryLabels {
@@ -528,5 +548,115 @@ impl Source {
             connected: false,
             loaded: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applier() -> (Applier, Arc<ArcSwap<Table>>, Arc<Metrics>) {
+        let config = Config::from_str_with_env(
+            "[service]\nname = \"a\"\naddress = \"127.0.0.1:8080\"\ninstance_id = \"a-1\"\n\
+             [registry]\nkind = \"static\"\nfile = \"x.toml\"\n",
+            [],
+        )
+        .expect("valid config");
+        let table = Arc::new(ArcSwap::from_pointee(Table::default()));
+        let metrics = Arc::new(Metrics::new());
+        let applier = Applier::new(
+            vec!["0-etcd".into()],
+            Arc::new(config),
+            Arc::new(PoolSettings {}),
+            metrics.clone(),
+            table.clone(),
+            Arc::new(DiscoveryStatus::default()),
+        );
+        (applier, table, metrics)
+    }
+
+    fn record(instance: &str, port: u16) -> EndpointRecord {
+        EndpointRecord {
+            service: "b".into(),
+            instance: instance.into(),
+            address: format!("127.0.0.1:{port}"),
+            zone: None,
+            weight: 100,
+            protocols: Vec::new(),
+            tls: false,
+            metadata: BTreeMap::new(),
+            version: String::new(),
+        }
+    }
+
+    fn instances(table: &ArcSwap<Table>) -> Vec<String> {
+        let table = table.load();
+        let mut v: Vec<String> = table
+            .services
+            .get("b")
+            .map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(|e| e.record.instance.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn every_change_of_one_transaction_is_applied() {
+        let (mut applier, table, _) = applier();
+        let reset = Update::Reset {
+            endpoints: vec![record("b-0", 1000)],
+            revision: 10,
+        };
+        applier.apply(0, reset);
+        // One etcd transaction: three puts and a delete at revision 11.
+        for (i, port) in [(1, 1001), (2, 1002), (3, 1003)] {
+            let upsert = Update::Upsert {
+                endpoint: record(&format!("b-{i}"), port),
+                revision: 11,
+            };
+            assert!(applier.apply(0, upsert), "b-{i} at the shared revision");
+        }
+        let remove = Update::Remove {
+            service: "b".into(),
+            instance: "b-0".into(),
+            revision: 11,
+        };
+        assert!(applier.apply(0, remove));
+        applier.publish();
+        assert_eq!(instances(&table), ["b-1", "b-2", "b-3"]);
+        // Older than what was applied: a stale replay, dropped.
+        let stale = Update::Upsert {
+            endpoint: record("b-0", 1000),
+            revision: 10,
+        };
+        assert!(!applier.apply(0, stale));
+    }
+
+    #[tokio::test]
+    async fn faults_are_counted() {
+        let (mut applier, _, metrics) = applier();
+        let reset = || Update::Reset {
+            endpoints: vec![record("b-1", 1001)],
+            revision: 1,
+        };
+        applier.apply(0, reset());
+        applier.apply(0, Update::Connected(false));
+        applier.apply(0, Update::Connected(false));
+        applier.apply(0, reset());
+        applier.apply(0, Update::Connected(true));
+        let text = metrics.encode();
+        assert!(
+            text.contains("outrigger_registry_disconnects_total{registry=\"0-etcd\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outrigger_registry_resyncs_total{registry=\"0-etcd\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -170,6 +170,9 @@ pub fn check_host_port(s: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
+pub(crate) mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

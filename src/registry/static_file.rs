@@ -150,7 +150,12 @@ async fn read_if_changed(
 
 /// Parse an endpoints file. Errors name the entry and field.
 pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointRecord>, String> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    let raw: RawFile = toml::from_str(text).map_err(|e| match e.message() {
+        // Some syntax errors carry no message of their own (a lone `\r`,
+        // found by the property tests); the full error still says where.
+        "" => e.to_string().trim().replace('\n', " "),
+        message => message.to_string(),
+    })?;
     let mut out = Vec::with_capacity(raw.endpoints.len());
     let mut errors = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -202,13 +207,42 @@ pub fn render_endpoints(records: &[EndpointRecord]) -> String {
         if r.tls {
             out.push_str("tls = true\n");
         }
+        if !r.metadata.is_empty() {
+            // An inline table with quoted keys: metadata keys are free-form.
+            let pairs: Vec<String> = r
+                .metadata
+                .iter()
+                .map(|(k, v)| format!("{} = {}", toml_str(k), toml_str(v)))
+                .collect();
+            out.push_str(&format!("metadata = {{ {} }}\n", pairs.join(", ")));
+        }
     }
     out
 }
 
+/// A TOML basic string (`"..."`), usable as a value *and* as a key: the
+/// `toml` crate may pick a multi-line form (`"""..."""`) that is not a valid
+/// key (found by the property tests, for metadata keys with quotes).
 fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,7 @@
 //! the next successful read). The loop only returns once the applier has
 //! gone away.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,9 +30,11 @@ use crate::registry::{is_instance_id, is_service_name, EndpointRecord, Update, U
 /// well under [`MAX_MESSAGE_BYTES`].
 pub(super) const PAGE_KEYS: i64 = 10_000;
 
-/// Smallest page we shrink to when a page still exceeds the message limit
-/// (records near the 64 KiB record limit).
-const MIN_PAGE_KEYS: i64 = 100;
+/// Smallest page we shrink to when a page still exceeds the message limit.
+/// One: etcd caps a value at 1.5 MiB by default, far below
+/// [`MAX_MESSAGE_BYTES`], so a single key always fits, and a few huge
+/// (malformed) values cannot make the whole registry unreadable.
+const MIN_PAGE_KEYS: i64 = 1;
 
 /// First and largest pause between reconnection attempts: quick after a
 /// blip, and at most one attempt per ~5 s per sidecar during an outage, so
@@ -68,6 +71,10 @@ struct Discovery {
     /// Revision of the last read or applied event; events at or below it
     /// are duplicates.
     applied: i64,
+    /// Malformed values already reported: key → the value's mod revision.
+    /// Each bad value is logged and counted once, not again on every
+    /// re-read; bounded by the number of bad keys etcd holds.
+    reported: HashMap<String, i64>,
 }
 
 /// A full read of the range.
@@ -77,8 +84,8 @@ struct Snapshot {
     revision: i64,
     /// Good records, in key order.
     endpoints: Vec<EndpointRecord>,
-    /// Skipped values: (key, reason).
-    malformed: Vec<(String, String)>,
+    /// Skipped values: (key, its mod revision, reason).
+    malformed: Vec<(String, i64, String)>,
 }
 
 /// How a session ended.
@@ -99,6 +106,7 @@ pub(super) async fn run(conn: Arc<Conn>, keys: Keys, tx: UpdateTx) {
         tx,
         connected: None,
         applied: 0,
+        reported: HashMap::new(),
     };
     let (min, max) = RECONNECT_BACKOFF;
     let mut backoff = Backoff::new(min, max);
@@ -154,9 +162,17 @@ impl Discovery {
         if !self.tx.send(reset).await {
             return End::Shutdown;
         }
-        for (key, reason) in snapshot.malformed {
-            warn!(key = %key, error = %reason, "skipping malformed registry value");
-            if !self.tx.send(Update::Malformed { key, reason }).await {
+        // Forget reports about keys that are gone or good now, so that a
+        // new bad value under the same key is reported again.
+        let bad: HashMap<&str, i64> = snapshot
+            .malformed
+            .iter()
+            .map(|(k, rev, _)| (k.as_str(), *rev))
+            .collect();
+        self.reported
+            .retain(|k, rev| bad.get(k.as_str()) == Some(rev));
+        for (key, revision, reason) in snapshot.malformed {
+            if !self.report_malformed(key, revision, reason).await {
                 return End::Shutdown;
             }
         }
@@ -305,26 +321,25 @@ impl Discovery {
         true
     }
 
-    async fn on_put(&self, kv: &KeyValue, prev: Option<&KeyValue>, revision: i64) -> bool {
+    async fn on_put(&mut self, kv: &KeyValue, prev: Option<&KeyValue>, revision: i64) -> bool {
         let key = String::from_utf8_lossy(kv.key());
         let reason = match self.decode(&key, kv.value()) {
             Ok(endpoint) => {
+                self.reported.remove(key.as_ref());
                 return self
                     .tx
                     .send(Update::Upsert {
                         endpoint,
                         revision: as_revision(revision),
                     })
-                    .await
+                    .await;
             }
             Err(reason) => reason,
         };
-        warn!(key = %key, error = %reason, revision, "skipping malformed registry value");
-        let malformed = Update::Malformed {
-            key: key.to_string(),
-            reason,
-        };
-        if !self.tx.send(malformed).await {
+        if !self
+            .report_malformed(key.to_string(), revision, reason)
+            .await
+        {
             return false;
         }
         // A bad value over a good one must not leave the old endpoint
@@ -347,8 +362,9 @@ impl Discovery {
         }
     }
 
-    async fn on_delete(&self, kv: &KeyValue, revision: i64) -> bool {
+    async fn on_delete(&mut self, kv: &KeyValue, revision: i64) -> bool {
         let key = String::from_utf8_lossy(kv.key());
+        self.reported.remove(key.as_ref());
         let Some((service, instance)) = self.endpoint_of(&key) else {
             debug!(key = %key, "ignoring the deletion of a key that never named an endpoint");
             return true;
@@ -360,6 +376,18 @@ impl Discovery {
                 revision: as_revision(revision),
             })
             .await
+    }
+
+    /// Logs and reports a malformed value, unless this very value (key and
+    /// mod revision) was reported already; `false` once the applier is gone.
+    async fn report_malformed(&mut self, key: String, revision: i64, reason: String) -> bool {
+        if self.reported.get(&key) == Some(&revision) {
+            debug!(key = %key, revision, "malformed value already reported");
+            return true;
+        }
+        warn!(key = %key, error = %reason, revision, "skipping malformed registry value");
+        self.reported.insert(key.clone(), revision);
+        self.tx.send(Update::Malformed { key, reason }).await
     }
 
     /// `(service, instance)` of a key that can name an endpoint.
@@ -423,7 +451,12 @@ impl Discovery {
                 })
                 .await;
             let mut response = match result {
-                Ok(response) => response,
+                // A page that fit: grow back towards full pages, so a few
+                // huge values do not slow the rest of the read.
+                Ok(response) => {
+                    page = (page * 2).min(PAGE_KEYS);
+                    response
+                }
                 Err(e) if e.is_message_too_large() && page > MIN_PAGE_KEYS => {
                     page = (page / 2).max(MIN_PAGE_KEYS);
                     debug!(page, "registry page too large; reading smaller pages");
@@ -450,7 +483,11 @@ impl Discovery {
                 let key = String::from_utf8_lossy(kv.key());
                 match self.decode(&key, kv.value()) {
                     Ok(record) => snapshot.endpoints.push(record),
-                    Err(reason) => snapshot.malformed.push((key.into_owned(), reason)),
+                    Err(reason) => {
+                        snapshot
+                            .malformed
+                            .push((key.into_owned(), kv.mod_revision(), reason))
+                    }
                 }
             }
             if !more {
