@@ -252,6 +252,8 @@ impl Metrics {
             "consul_index_resets",
             "Consul blocking-query index resets (backwards: to 0; below_one: to 1)",
             m.consul_index_resets.clone(),
+        );
+        r.register(
             "registry_disconnects",
             "Times a registry was lost (the last table keeps serving)",
             m.registry_disconnects.clone(),

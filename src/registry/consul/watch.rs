@@ -465,6 +465,9 @@ async fn watch_service(
         let entries: Vec<HealthEntry> = match serde_json::from_slice(&answer.body) {
             Ok(e) => e,
             Err(e) => {
+                // The applier only counts malformed values; each source logs
+                // its own, with the context it alone has.
+                warn!(registry = %agent.name(), service, error = %e, "consul health answer is not the expected JSON; keeping its endpoints");
                 let update = Update::Malformed {
                     key: format!("/v1/health/service/{service}"),
                     reason: format!("not the expected JSON: {e}"),
@@ -497,6 +500,7 @@ async fn watch_service(
         // Report bad entries only when the answer changed, so a bad value
         // sitting in Consul is not counted on every long-poll.
         for (id, reason) in malformed {
+            warn!(registry = %agent.name(), service, instance = %id, reason, "skipped malformed consul entry");
             let update = Update::Malformed {
                 key: format!("consul service {service}/{id}"),
                 reason,
