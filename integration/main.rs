@@ -6,5 +6,8 @@ mod etcd_backend;
 mod etcd_sidecar;
 mod failover;
 mod foundation;
+mod hardening_h2;
+mod hardening_input;
+mod hardening_overload;
 mod support;
 mod support_selftest;
