@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use http::Request;
 use http_body_util::{BodyExt, StreamBody};
@@ -192,11 +191,13 @@ async fn a_retry_storm_on_one_service_leaves_the_others_unaffected() {
         seen as f64 / offered,
         peak.rss_mib()
     );
-    // 20% of requests plus 10/s over the (≤ 7) one-second budget buckets.
+    // The budget: 20% of the requests in its 10 s window, plus a floor of
+    // 10/s × 10 s. Without it, `retries = 2` would triple the load.
     assert!(
-        seen as f64 <= 1.2 * offered + 70.0,
+        seen as f64 <= 1.2 * offered + 100.0,
         "retries amplified the storm"
     );
+    assert!(seen as f64 > offered, "some retries were made");
     assert!(
         peak.rss_bytes < RSS_BOUND,
         "A's RSS {:.1} MiB",
@@ -334,5 +335,4 @@ async fn bodies_of_128_mib_stream_through_two_hops_at_constant_memory() {
             p.rss_mib()
         );
     }
-    let _ = Bytes::new();
 }

@@ -188,7 +188,8 @@ mod tests {
             .await
             .unwrap();
         let mut buf = [0u8; 4096];
-        io.read(&mut buf).await.unwrap();
+        let n = io.read(&mut buf).await.unwrap();
+        assert!(n > 0);
         assert!(guard.ambiguous_framing().is_some());
     }
 }
