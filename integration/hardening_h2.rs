@@ -4,6 +4,8 @@
 //! the sidecar bounded CPU time and memory, and leave it serving others.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Request;
@@ -66,7 +68,7 @@ async fn rapid_reset_ends_in_goaway() {
     ] {
         let before = procfs::stats(sidecar.pid());
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) = h2::client::handshake(tcp).await.unwrap();
+        let (mut send, conn) = h2::client::handshake(KeepReading(tcp)).await.unwrap();
         let conn = tokio::spawn(conn);
         let mut opened = 0u32;
         for _ in 0..50_000 {
@@ -103,6 +105,56 @@ async fn rapid_reset_ends_in_goaway() {
         "most reset streams must never reach the service ({})",
         mesh.peer("b").svc.count()
     );
+}
+
+/// The attacker's TCP stream: once the server has closed, writes are
+/// dropped instead of failing, so the h2 client goes on to read the GOAWAY
+/// the server sent before closing (otherwise a write error can win the race
+/// and hide it).
+struct KeepReading(tokio::net::TcpStream);
+
+impl tokio::io::AsyncRead for KeepReading {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+fn peer_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+impl tokio::io::AsyncWrite for KeepReading {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.get_mut().0).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) if peer_gone(&e) => Poll::Ready(Ok(buf.len())),
+            other => other,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.get_mut().0).poll_flush(cx) {
+            Poll::Ready(Err(e)) if peer_gone(&e) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.get_mut().0).poll_shutdown(cx) {
+            Poll::Ready(Err(e)) if peer_gone(&e) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
 }
 
 /// Sends `frames` while reading what the server sends back, until it
