@@ -165,9 +165,16 @@ async fn assert_smuggling_refused(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_vectors_get_400_a_close_and_never_reach_the_service() {
     let _shared = shared().await;
-    let mesh = GuardedMesh::start(mesh_b("")).await;
+    let mesh = GuardedMesh::start(MeshOptions {
+        ingress: true,
+        ..mesh_b("")
+    })
+    .await;
+    let b = mesh.peer("b");
     assert_smuggling_refused(&mesh, "outbound", mesh.outbound(), 0).await;
-    assert_smuggling_refused(&mesh, "inbound", mesh.peer("b").inbound(), 1).await;
+    assert_smuggling_refused(&mesh, "inbound", b.inbound(), 1).await;
+    let ingress = b.ingress.expect("b has an ingress listener");
+    assert_smuggling_refused(&mesh, "ingress", ingress, 2).await;
     // Clean chunked and fixed-length requests on one keep-alive connection
     // still pass, and a smuggling attempt behind them is caught.
     let keepalive = "POST /k1 HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\

@@ -398,6 +398,10 @@ POST /d HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n";
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
                 "repeated transfer-encoding",
             ),
+            (
+                b"GET / HTTP/1.1\r\nHost: b\r\nHost: c\r\n\r\n",
+                "repeated host",
+            ),
         ];
         for (head, why) in cases {
             let got = feed_all(&[head]);
