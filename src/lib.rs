@@ -26,7 +26,8 @@
 //!   lookup, retries and failover; the HTTP/2 peer connection pool.
 //! - [`inbound`]: relaying peer (and ingress) requests to the local service.
 //! - [`http`]: the body type, header hygiene, errors → responses (one function),
-//!   server setup with limits, upgrade splicing.
+//!   server setup with limits, byte-level connection guards (first-request
+//!   deadline, HTTP/1 request-smuggling check), upgrade splicing.
 //! - [`health`]: the local probe and the registration driver.
 //! - [`admin`]: `/live`, `/ready`, `/routes`, `/metrics`, `/config`, `/drain`.
 //! - [`metrics`]: Prometheus metrics.

@@ -19,7 +19,13 @@
 //!   clients, and a WebSocket client;
 //! - [`loadgen`]: open-loop load with latency/failure summaries per window;
 //! - [`watchdog`]: a sidecar's table and RSS sampled throughout a fault;
-//! - [`files`]: atomic and non-atomic file writes (static registry files).
+//! - [`files`]: atomic and non-atomic file writes (static registry files);
+//! - [`recording`]: an upstream that records the exact bytes it received and
+//!   moves large bodies with checksums;
+//! - [`raw`]: raw HTTP/1 bytes and hand-written HTTP/2 frames;
+//! - [`procfs`]: RSS, CPU time and open FDs of a process, and peak sampling;
+//! - [`guarded_mesh`]: the hardening suites' static mesh (A plus one sidecar
+//!   per peer service, shared `[limits]`).
 //!
 //! Every helper that does network I/O or waits is async on tokio; helpers
 //! that only touch files or spawn a process are plain functions. Nothing
@@ -34,11 +40,15 @@ pub mod client;
 pub mod consul_fixture;
 pub mod etcd;
 pub mod files;
+pub mod guarded_mesh;
 pub mod loadgen;
 pub mod mesh;
 pub mod metrics;
 pub mod ports;
 pub mod process;
+pub mod procfs;
+pub mod raw;
+pub mod recording;
 pub mod relay;
 pub mod sidecar;
 pub mod upstream;

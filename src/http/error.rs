@@ -82,6 +82,11 @@ pub enum ProxyError {
     /// The sidecar is draining and takes no new requests.
     #[error("sidecar is shutting down")]
     Draining,
+    /// The request's HTTP/1 framing could be read two ways (both
+    /// `Content-Length` and `Transfer-Encoding`, repeated lengths, an unknown
+    /// transfer coding): a request-smuggling attempt. Refused, never relayed.
+    #[error("ambiguous request framing: {0}")]
+    AmbiguousFraming(&'static str),
     /// The request's header block exceeds `limits.max_header_bytes`.
     #[error("request header block of {size} bytes exceeds the {limit}-byte limit")]
     HeadersTooLarge {
@@ -98,7 +103,9 @@ impl ProxyError {
     /// The status code this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoTarget | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoTarget | ProxyError::BadTarget(_) | ProxyError::AmbiguousFraming(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnknownService(_)
@@ -129,6 +136,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::Draining => "draining",
             ProxyError::HeadersTooLarge { .. } => "headers-too-large",
+            ProxyError::AmbiguousFraming(_) => "bad-framing",
         }
     }
 }
@@ -187,6 +195,7 @@ mod tests {
             ),
             (ProxyError::Overloaded("b".into()), 503, "overloaded"),
             (ProxyError::Forbidden("a".into()), 403, "forbidden"),
+            (ProxyError::AmbiguousFraming("x"), 400, "bad-framing"),
         ];
         for (err, code, kind) in cases {
             let res = respond(&err, &rid, "outbound");

@@ -139,13 +139,19 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
 }
 
-/// Append the client address to `x-forwarded-for`.
+/// Append the client address to `x-forwarded-for`. Several field lines
+/// are one list (RFC 9110 §5.3), so all of them are kept, in order.
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr) {
     let ip = client.to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
+    let mut chain: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    chain.push(&ip);
+    let value = chain.join(", ");
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, v);
     }
@@ -232,6 +238,10 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
         append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        h.append("x-forwarded-for", HeaderValue::from_static("5.6.7.8"));
+        append_forwarded_for(&mut h, "10.0.0.3".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1, 5.6.7.8, 10.0.0.3");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         reset_forwarded_for(&mut h, "10.0.0.2".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "10.0.0.2");
     }

@@ -1,8 +1,11 @@
 //! HTTP pieces shared by every listener: the body type, header hygiene, the
-//! one place errors become responses, and the server-side connection setup.
+//! one place errors become responses, the server-side connection setup, and
+//! the byte-level connection guards (first-request deadline, smuggling check).
 
 pub mod body;
+pub mod conn_guard;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod server;
 pub mod upgrade;

@@ -7,6 +7,12 @@
 //! concurrent HTTP/2 streams, and exponential backoff when `accept` fails
 //! (e.g. EMFILE), as mini-redis does. On shutdown the loop stops accepting
 //! and in-flight connections get `drain_timeout` to finish.
+//!
+//! Below hyper, every connection is a [`GuardedIo`]: a client must send a
+//! complete first request within the header read timeout (hyper's own
+//! timeout starts only after the protocol is known), and an HTTP/1 request
+//! whose framing is ambiguous (request smuggling) makes every request on
+//! that connection a 400 followed by a close.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,6 +28,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use super::conn_guard::{ConnGuard, GuardedIo};
 use super::error::respond;
 use super::{Body, ProxyError};
 use crate::config::Limits;
@@ -53,10 +60,68 @@ pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
         .keep_alive_interval(H2_SERVER_KEEPALIVE)
         .keep_alive_timeout(Duration::from_secs(10))
-        // Rapid-reset (CVE-2023-44487) guard: cap streams reset before
-        // being accepted. h2's default is 20; keep it explicit.
-        .max_pending_accept_reset_streams(20);
+        // Rapid-reset (CVE-2023-44487) guard: a client that resets more
+        // than this many streams before we accept them gets GOAWAY
+        // (ENHANCE_YOUR_CALM). h2's default is 20; keep it explicit.
+        .max_pending_accept_reset_streams(20)
+        // A client that keeps provoking stream errors (malformed headers,
+        // streams beyond `max_concurrent_streams`, which h2 refuses with
+        // REFUSED_STREAM) is sent GOAWAY after this many, instead of costing
+        // a reset frame forever. hyper's default; explicit for the same reason.
+        .max_local_error_reset_streams(1024);
+    // Not configurable here because h2 already bounds them: CONTINUATION
+    // floods (GOAWAY after the frames a max-size header list needs, plus
+    // 25%), empty DATA frames (GOAWAY after 100) and small-DATA-frame
+    // overhead (a budget of half the connection window).
     b
+}
+
+/// The response that refuses a request before it is relayed. HTTP/1 also
+/// gets `Connection: close`: after ambiguous framing the rest of the byte
+/// stream cannot be trusted, so hyper must not read another request from it.
+fn refuse(err: &ProxyError, version: http::Version, listener: &'static str) -> Response<Body> {
+    let mut res = respond(err, &super::headers::new_request_id(), listener);
+    if version < http::Version::HTTP_2 && matches!(err, ProxyError::AmbiguousFraming(_)) {
+        res.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    res
+}
+
+/// Log why a connection ended; clients' faults (garbage, timeouts) at
+/// info, so an operator sees an attack without a debug build of the logs.
+fn log_connection_end(
+    listener: &'static str,
+    peer: SocketAddr,
+    e: &(dyn std::error::Error + 'static),
+) {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut client_fault = None;
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_too_large() {
+                client_fault = Some("malformed request");
+            } else if h.is_timeout() {
+                client_fault = Some("request head not received in time");
+            }
+        } else if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                client_fault = Some("request head not received in time");
+            }
+        }
+        if client_fault.is_some() {
+            break;
+        }
+        cause = c.source();
+    }
+    match client_fault {
+        Some(what) => {
+            tracing::info!(listener, peer = %peer, error = %e, "closed client connection: {what}")
+        }
+        None => tracing::debug!(listener, peer = %peer, error = %e, "connection ended with error"),
+    }
 }
 
 /// Serve `listener` until `shutdown` flips to true, then drain.
@@ -103,31 +168,47 @@ pub async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let max_header_bytes = limits.max_header_bytes;
+        let guard = Arc::new(ConnGuard::default());
+        let io = GuardedIo::new(
+            stream,
+            guard.clone(),
+            limits.header_read_timeout,
+            max_header_bytes.max(HYPER_MIN_BUF),
+            limits.max_headers,
+        );
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            guard.request_started();
             // hyper bounds its read buffer, not the header block exactly;
             // the documented limit is enforced here, before any relaying.
             let size = header_block_size(&req);
-            let fut = (size <= max_header_bytes).then(|| handler(req, remote));
+            let refused = if let Some(why) = guard.ambiguous_framing() {
+                Some(ProxyError::AmbiguousFraming(why))
+            } else if size > max_header_bytes {
+                Some(ProxyError::HeadersTooLarge {
+                    size,
+                    limit: max_header_bytes,
+                })
+            } else {
+                None
+            };
+            let version = req.version();
+            let relay = match refused {
+                None => Ok(handler(req, remote)),
+                Some(err) => Err(err),
+            };
             async move {
-                Ok::<_, Infallible>(match fut {
-                    Some(fut) => fut.await,
-                    None => respond(
-                        &ProxyError::HeadersTooLarge {
-                            size,
-                            limit: max_header_bytes,
-                        },
-                        &super::headers::new_request_id(),
-                        name,
-                    ),
+                Ok::<_, Infallible>(match relay {
+                    Ok(fut) => fut.await,
+                    Err(err) => refuse(&err, version, name),
                 })
             }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
             if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(listener = name, peer = %remote, error = %e, "connection ended with error");
+                log_connection_end(name, remote, e.as_ref());
             }
             drop(permit);
         });

@@ -1,0 +1,195 @@
+//! Guards that sit below hyper, on a connection's raw bytes.
+//!
+//! - **First-request deadline.** hyper's `header_read_timeout` only starts
+//!   once hyper_util has told HTTP/1 from HTTP/2, which takes the first
+//!   bytes: a client that connects and sends nothing, or dribbles the
+//!   HTTP/2 preface a byte at a time, would hold a connection slot (and a
+//!   file descriptor) forever. [`GuardedIo`] fails reads with `TimedOut`
+//!   unless a complete first request (an HTTP/1 head or the first HTTP/2
+//!   stream) arrives within the header read timeout.
+//! - **Ambiguous HTTP/1 framing.** [`super::framing`] follows the byte
+//!   stream and marks the connection when a request head could be framed
+//!   two ways (request smuggling); the server refuses every request on a
+//!   marked connection.
+//!
+//! Both report through a [`ConnGuard`] shared with the connection's service.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use super::framing::{Ambiguity, Framing};
+
+/// What the byte-level guards tell the connection's service.
+#[derive(Debug, Default)]
+pub struct ConnGuard {
+    /// Set by the service on its first request: the deadline is met.
+    first_request: AtomicBool,
+    /// Set once by the framing tracker; never cleared, because the
+    /// connection's framing can no longer be trusted.
+    ambiguous: OnceLock<Ambiguity>,
+}
+
+/// A client connection with the guards applied to what it reads.
+#[derive(Debug)]
+pub struct GuardedIo<T> {
+    inner: T,
+    guard: Arc<ConnGuard>,
+    /// Until the first request: when the connection is given up.
+    deadline: Option<Pin<Box<Sleep>>>,
+    framing: Framing,
+}
+
+// === impl ConnGuard ===
+
+impl ConnGuard {
+    /// A request arrived: the first-request deadline no longer applies.
+    pub fn request_started(&self) {
+        if !self.first_request.load(Ordering::Relaxed) {
+            self.first_request.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Why this connection's HTTP/1 framing is ambiguous, if it is.
+    pub fn ambiguous_framing(&self) -> Option<Ambiguity> {
+        self.ambiguous.get().copied()
+    }
+}
+
+// === impl GuardedIo ===
+
+impl<T> GuardedIo<T> {
+    /// Guard `inner`: a first request within `first_request_timeout`, and
+    /// HTTP/1 heads checked against hyper's limits (`max_head_bytes`,
+    /// `max_headers`).
+    pub fn new(
+        inner: T,
+        guard: Arc<ConnGuard>,
+        first_request_timeout: Duration,
+        max_head_bytes: usize,
+        max_headers: usize,
+    ) -> Self {
+        GuardedIo {
+            inner,
+            guard,
+            deadline: Some(Box::pin(tokio::time::sleep(first_request_timeout))),
+            framing: Framing::new(max_head_bytes, max_headers),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(deadline) = this.deadline.as_mut() {
+            if this.guard.first_request.load(Ordering::Relaxed) {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no complete request within the header read timeout",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if this.framing.is_active() {
+            if let Some(why) = this.framing.feed(&buf.filled()[before..]) {
+                let _ = this.guard.ambiguous.set(why);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_times_out_and_a_request_disarms_the_deadline() {
+        let (client, server) = tokio::io::duplex(1024);
+        let guard = Arc::new(ConnGuard::default());
+        let mut io = GuardedIo::new(server, guard.clone(), Duration::from_secs(2), 8192, 100);
+        let mut buf = [0u8; 16];
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+
+        let (mut client2, server2) = tokio::io::duplex(1024);
+        let guard2 = Arc::new(ConnGuard::default());
+        let mut io2 = GuardedIo::new(server2, guard2.clone(), Duration::from_secs(2), 8192, 100);
+        client2.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(io2.read(&mut buf).await.unwrap() > 0);
+        guard2.request_started();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        client2.write_all(b"x").await.unwrap();
+        let mut big = [0u8; 64];
+        let n = io2
+            .read(&mut big)
+            .await
+            .expect("no deadline after a request");
+        assert_eq!(
+            &big[..n],
+            b"\r\nx",
+            "the rest of the head, then the new byte"
+        );
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn smuggling_marks_the_connection() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let guard = Arc::new(ConnGuard::default());
+        let mut io = GuardedIo::new(server, guard.clone(), Duration::from_secs(2), 8192, 100);
+        client
+            .write_all(b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = io.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        assert!(guard.ambiguous_framing().is_some());
+    }
+}
