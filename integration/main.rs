@@ -6,5 +6,6 @@ mod etcd_backend;
 mod etcd_sidecar;
 mod failover;
 mod foundation;
+mod mtls;
 mod support;
 mod support_selftest;

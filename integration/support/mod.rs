@@ -15,7 +15,9 @@
 //! - [`client`]: one-shot requests, pooled, HTTP-proxy-style and h2c
 //!   clients, and a WebSocket client;
 //! - [`loadgen`]: open-loop load with latency/failure summaries per window;
-//! - [`files`]: atomic and non-atomic file writes (static registry files).
+//! - [`files`]: atomic and non-atomic file writes (static registry files);
+//! - [`pki`]: test CAs and certificates (good and broken) and a direct
+//!   mTLS client for the inbound listener.
 //!
 //! Every helper that does network I/O or waits is async on tokio; helpers
 //! that only touch files or spawn a process are plain functions. Nothing
@@ -32,6 +34,7 @@ pub mod files;
 pub mod loadgen;
 pub mod mesh;
 pub mod metrics;
+pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod relay;
