@@ -31,14 +31,26 @@ struct TlsB {
 
 impl TlsB {
     async fn start(pki: &Pki, certs: &CertFiles, allow: &[&str], tls_extra: &str) -> TlsB {
+        Self::start_as("b", pki, certs, allow, tls_extra).await
+    }
+
+    /// A sidecar of `service` (its certificate must carry that identity).
+    async fn start_as(
+        service: &str,
+        pki: &Pki,
+        certs: &CertFiles,
+        allow: &[&str],
+        tls_extra: &str,
+    ) -> TlsB {
         let files = FileDir::new();
-        let svc = Upstream::start("b1").await;
+        let svc = Upstream::start(&format!("{service}1")).await;
         let registry = files.file("endpoints.toml");
-        let mut spec = SidecarSpec::new("b", "b-1", &svc, static_registry(&registry));
+        let instance = format!("{service}-1");
+        let mut spec = SidecarSpec::new(service, &instance, &svc, static_registry(&registry));
         spec.ports = SidecarPorts::new();
         files.write_atomic(
             "endpoints.toml",
-            &tls_entry("b", "b-1", spec.ports.inbound_addr()),
+            &tls_entry(service, &instance, spec.ports.inbound_addr()),
         );
         spec.extra = pki.tls_toml(certs, allow, tls_extra);
         let mut sidecar = spec.start();
@@ -192,7 +204,7 @@ async fn caller_refuses_a_peer_whose_identity_is_not_the_target_service() {
     let _shared = crate::support::shared().await;
     let pki = Pki::new(TD);
     // The registry says "b is at X", but X is a sidecar of service c.
-    let impostor = TlsB::start(&pki, &pki.service("c", "c"), &[], "").await;
+    let impostor = TlsB::start_as("c", &pki, &pki.service("c", "c"), &[], "").await;
     let files = FileDir::new();
     files.write_atomic("endpoints.toml", &tls_entry("b", "b-1", impostor.inbound()));
     let svc_a = Upstream::start("a1").await;
