@@ -181,7 +181,10 @@ mod tests {
         ];
         for (ours, tls, plaintext, want) in cases {
             let got = plan(ours, &peer(tls, plaintext)).ok();
-            assert_eq!(got, want, "ours {ours:?}, peer tls {tls}, plaintext {plaintext}");
+            assert_eq!(
+                got, want,
+                "ours {ours:?}, peer tls {tls}, plaintext {plaintext}"
+            );
         }
     }
 }
