@@ -7,6 +7,9 @@
 
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
 use crate::support::client::{self, try_request};
 use crate::support::mesh::{static_registry, SidecarSpec};
 use crate::support::pki::{tls_connect, tls_get, CertFiles, Pki};
@@ -100,6 +103,23 @@ async fn allowed_caller_gets_200_and_its_verified_identity_disallowed_gets_403()
             .unwrap_or(0.0)
             >= 1.0,
         "a counted its outbound handshake"
+    );
+
+    // A WebSocket upgrade crosses the mTLS hop on its own HTTP/1.1 connection.
+    let mut ws = client::ws_connect(a_spec.ports.outbound_addr(), "b", "/ws").await;
+    ws.send(Message::text("over mTLS")).await.unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("a frame")
+        .expect("not an error");
+    assert_eq!(echo.into_text().unwrap().as_str(), "over mTLS");
+    let accepted = b
+        .metric("outrigger_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}")
+        .await;
+    assert!(
+        accepted >= 2.0,
+        "the h2 pool and the upgrade each made an mTLS connection: {accepted}"
     );
 
     // The identity comes from the certificate, not from what the caller says.
@@ -304,6 +324,87 @@ async fn rotated_certificate_is_served_to_new_handshakes_and_garbage_keeps_the_o
     assert_eq!(conn.server_cert, second_cert);
     assert_eq!(conn.get("/still", &[]).await.expect("GET").status(), 200);
     assert!(b.sidecar.log().contains("TLS reload rejected"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_inbound_also_takes_plaintext_but_without_an_identity() {
+    let _shared = crate::support::shared().await;
+    let pki = Pki::new(TD);
+    let b = TlsB::start(
+        &pki,
+        &pki.service("b", "b"),
+        &["a"],
+        "mode = \"permissive\"",
+    )
+    .await;
+
+    // Plaintext is served, and a claimed identity is not believed.
+    let req = http::Request::get("http://b/plain")
+        .header("x-outrigger-caller", "a")
+        .body(client::empty())
+        .unwrap();
+    let res = client::request(b.inbound(), req).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        b.svc.last_request().unwrap().header("x-outrigger-caller"),
+        None
+    );
+
+    // TLS callers are still authorized by their certificates.
+    let res = tls_get(
+        b.inbound(),
+        &pki.ca(),
+        Some(&pki.service("c", "c")),
+        TD,
+        &[],
+    )
+    .await;
+    assert_eq!(res.expect("c's handshake").status(), 403);
+    let res = tls_get(
+        b.inbound(),
+        &pki.ca(),
+        Some(&pki.service("a", "a")),
+        TD,
+        &[],
+    )
+    .await;
+    assert_eq!(res.expect("a's handshake").status(), 200);
+    assert_eq!(
+        b.svc.last_request().unwrap().header("x-outrigger-caller"),
+        Some("a")
+    );
+
+    // A sidecar without [tls] calls it in plaintext, because its record says
+    // it takes plaintext; against a strict record it refuses to dial.
+    let files = FileDir::new();
+    let entry = |service: &str, protocols: &str| {
+        format!(
+            "{}protocols = [{protocols}]\n\n",
+            tls_entry(service, &format!("{service}-1"), b.inbound())
+                .trim_end()
+                .to_owned()
+                + "\n"
+        )
+    };
+    files.write_atomic(
+        "endpoints.toml",
+        &(entry("b", "\"http1\", \"h2\", \"plaintext\"") + &entry("strict", "\"http1\", \"h2\"")),
+    );
+    let svc_x = Upstream::start("x1").await;
+    let x_spec = SidecarSpec::new(
+        "x",
+        "x-1",
+        &svc_x,
+        static_registry(&files.file("endpoints.toml")),
+    );
+    let mut x = x_spec.start();
+    x.wait_ready().await;
+    let res = client::get_with_host(x_spec.ports.outbound_addr(), "b", "/from-x").await;
+    assert_eq!(res.status(), 200, "{:?}", res.body());
+    let res = client::get_with_host(x_spec.ports.outbound_addr(), "strict", "/").await;
+    assert_eq!(res.status(), 502, "{:?}", res.body());
+    let body = String::from_utf8_lossy(res.body());
+    assert!(body.contains("configure [tls]"), "{body}");
 }
 
 #[test]

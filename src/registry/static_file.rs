@@ -38,6 +38,10 @@ struct RawEndpoint {
     weight: Option<u32>,
     #[serde(default)]
     tls: bool,
+    /// What the inbound speaks; with `tls`, `"plaintext"` marks a
+    /// permissive listener (see `outbound::dial`).
+    #[serde(default)]
+    protocols: Vec<String>,
     #[serde(default)]
     metadata: std::collections::BTreeMap<String, String>,
 }
@@ -161,7 +165,7 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointRecord>, String> {
             address: e.address,
             zone: e.zone,
             weight: e.weight.unwrap_or(DEFAULT_WEIGHT),
-            protocols: Vec::new(),
+            protocols: e.protocols,
             tls: e.tls,
             metadata: e.metadata,
             version: String::new(),
@@ -201,6 +205,10 @@ pub fn render_endpoints(records: &[EndpointRecord]) -> String {
         out.push_str(&format!("weight = {}\n", r.weight));
         if r.tls {
             out.push_str("tls = true\n");
+        }
+        if !r.protocols.is_empty() {
+            let list: Vec<String> = r.protocols.iter().map(|p| toml_str(p)).collect();
+            out.push_str(&format!("protocols = [{}]\n", list.join(", ")));
         }
     }
     out
@@ -268,5 +276,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parse_endpoints(&render_endpoints(&eps)).unwrap(), eps);
+        let tls = parse_endpoints(
+            "[[endpoints]]\nservice=\"b\"\naddress=\"h:1\"\ntls=true\nprotocols=[\"h2\",\"plaintext\"]\n",
+        )
+        .unwrap();
+        assert_eq!(tls[0].protocols, ["h2", "plaintext"]);
+        assert_eq!(parse_endpoints(&render_endpoints(&tls)).unwrap(), tls);
     }
 }
