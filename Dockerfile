@@ -38,7 +38,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 outrigger \
  && useradd --system --uid 10001 --gid outrigger --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin outrigger
+        --home-dir /nonexistent --shell /usr/sbin/nologin outrigger \
+ && mkdir -p /certs && chown outrigger:outrigger /certs
+# /certs: where `outrigger certs` writes in the compose mesh; owned by the
+# runtime user so a fresh named volume mounted there is writable by it.
 COPY --from=builder /src/target/release/outrigger /src/target/release/outrigger-demo /usr/local/bin/
 USER outrigger
 # admin, outbound, inbound (Istio's conventions; see DESIGN.md).

@@ -7,6 +7,7 @@
 #   one-hop       load generator -> A ([[upstreams]] local_port) -> upstream (h2c)
 #   two-hop       load generator -> A (local_port) -> B (inbound) -> upstream
 #   two-hop-host  load generator -> A (outbound, "Host: bench") -> B (inbound) -> upstream
+#   two-hop-mtls  as two-hop, with mTLS between A and B (not in the default CONFIGS)
 # Each chain has its own sidecar processes, so CPU and RSS are per chain.
 #
 # Per chain and round:
@@ -163,11 +164,13 @@ assert_alive() {
 # local_port for "bench" ("" = none).
 write_sidecar_config() {
   local name="$1" out="$2" in="$3" admin="$4" svc_addr="$5" endpoint="$6" local_port="$7"
+  local tls="${8:-0}"   # 1: mTLS between the chain's sidecars ([tls] + tls = true)
   local dir="$RUNDIR/$name"
   mkdir -p "$dir"
   if [ -n "$endpoint" ]; then
     printf '[[endpoints]]\nservice = "bench"\naddress = "%s"\ninstance = "bench-next"\n' \
       "$endpoint" > "$dir/endpoints.toml"
+    [ "$tls" = 1 ] && printf 'tls = true\n' >> "$dir/endpoints.toml"
   else
     : > "$dir/endpoints.toml"
   fi
@@ -193,6 +196,11 @@ file = "$dir/endpoints.toml"
 TOML
   if [ -n "$local_port" ]; then
     printf '\n[[upstreams]]\nname = "bench"\nlocal_port = %s\n' "$local_port" >> "$dir/outrigger.toml"
+  fi
+  if [ "$tls" = 1 ]; then
+    # Certificates from `outrigger certs` (made once per run, below).
+    printf '\n[tls]\nca = "%s/ca.pem"\ncert = "%s/%s.pem"\nkey = "%s/%s-key.pem"\ntrust_domain = "bench.local"\nallow = ["bench-a"]\n' \
+      "$RUNDIR/certs" "$RUNDIR/certs" "$svc_name" "$RUNDIR/certs" "$svc_name" >> "$dir/outrigger.toml"
   fi
   "$OUTRIGGER_BIN" check-config "$dir/outrigger.toml" >"$dir/check.log" 2>&1 \
     || { cat "$dir/check.log" >&2; die "generated config for $name is invalid: $dir/outrigger.toml"; }
@@ -240,11 +248,18 @@ for c in $CONFIGS; do
       write_sidecar_config "$c.A" $((b + 2)) $((b + 3)) $((b + 4)) "$UP_ADDR" "$UP_ADDR" $((b + 1))
       start_sidecar "$c.A" $((b + 4))
       ENTRY[$c]=$((b + 1)); HOSTHDR[$c]=""; SIDECARS[$c]="$c.A" ;;
-    two-hop|two-hop-host)
+    two-hop|two-hop-host|two-hop-mtls)
       # B fronts the upstream on its inbound listener; its registry is empty.
-      write_sidecar_config "$c.B" $((b + 6)) $((b + 5)) $((b + 7)) "$UP_ADDR" "" ""
-      if [ "$c" = two-hop ]; then
-        write_sidecar_config "$c.A" $((b + 2)) $((b + 3)) $((b + 4)) "$UP_ADDR" "127.0.0.1:$((b + 5))" $((b + 1))
+      tls=0
+      if [ "$c" = two-hop-mtls ]; then
+        tls=1
+        [ -f "$RUNDIR/certs/ca.pem" ] || "$OUTRIGGER_BIN" certs --out "$RUNDIR/certs" \
+          --trust-domain bench.local bench bench-a >"$RUNDIR/certs.log" 2>&1 \
+          || { cat "$RUNDIR/certs.log" >&2; die "outrigger certs failed"; }
+      fi
+      write_sidecar_config "$c.B" $((b + 6)) $((b + 5)) $((b + 7)) "$UP_ADDR" "" "" "$tls"
+      if [ "$c" = two-hop ] || [ "$c" = two-hop-mtls ]; then
+        write_sidecar_config "$c.A" $((b + 2)) $((b + 3)) $((b + 4)) "$UP_ADDR" "127.0.0.1:$((b + 5))" $((b + 1)) "$tls"
         ENTRY[$c]=$((b + 1)); HOSTHDR[$c]=""
       else
         # The normal path: the local service calls A's outbound with Host: bench.
@@ -254,7 +269,7 @@ for c in $CONFIGS; do
       start_sidecar "$c.B" $((b + 7))
       start_sidecar "$c.A" $((b + 4))
       SIDECARS[$c]="$c.A $c.B" ;;
-    *) die "unknown config '$c' (known: direct one-hop two-hop two-hop-host)" ;;
+    *) die "unknown config '$c' (known: direct one-hop two-hop two-hop-host two-hop-mtls)" ;;
   esac
   i=$((i + 1))
 done

@@ -10,6 +10,11 @@
 //! require b1 to get traffic again within seconds; finally `docker compose
 //! down -v` and require that nothing of the project is left behind.
 //!
+//! The mesh runs on mTLS (the one-shot `certs` service must complete
+//! first): the test checks that b1's sidecar counted mTLS handshakes, that
+//! plaintext to its inbound listener gets no answer, and that c's allow list
+//! (only b) refuses a with 403.
+//!
 //! Every app runs with `DEMO_STRICT=true` (set in docker-compose.yml), so a
 //! failed hop anywhere in the chain turns into a non-2xx at the top; on top
 //! of that, every answer's JSON must show a complete, successful a → b → c
@@ -45,7 +50,9 @@ use tokio::time::Instant;
 
 use support::client::{collect, dial_client, get, DialConnector, HttpClient};
 
-/// Every service in docker-compose.yml.
+/// One-shot services: they must run to completion with exit code 0.
+const ONE_SHOT: [&str; 1] = ["certs"];
+/// Every long-running service in docker-compose.yml.
 const SERVICES: [&str; 11] = [
     "etcd",
     "a",
@@ -504,6 +511,19 @@ enum Readiness {
 
 fn readiness(entries: &[PsEntry]) -> Readiness {
     let mut waiting = Vec::new();
+    for service in ONE_SHOT {
+        match entries.iter().find(|e| e.service == service) {
+            Some(e) if e.state == "exited" && e.exit_code == 0 => {}
+            Some(e) if matches!(e.state.as_str(), "exited" | "dead") => {
+                return Readiness::Dead(format!(
+                    "one-shot {service} ({}) {} with code {}",
+                    e.name, e.state, e.exit_code
+                ))
+            }
+            Some(e) => waiting.push(format!("{service} ({}, must complete)", e.state)),
+            None => waiting.push(format!("{service} (no container)")),
+        }
+    }
     for service in SERVICES {
         let Some(e) = entries.iter().find(|e| e.service == service) else {
             waiting.push(format!("{service} (no container)"));
@@ -775,6 +795,21 @@ fn chain_check_rejects_any_failed_hop() {
 /// overrides it sets (no Docker needed).
 #[test]
 fn compose_configs_pass_check_config() {
+    // The certificates the compose `certs` service would write, made by the
+    // same command, and pointed at with the usual environment overrides.
+    let certs = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_outrigger"))
+        .args(["certs", "--out"])
+        .arg(certs.path())
+        .args(["--trust-domain", "mesh.local", "a", "b", "c"])
+        .output()
+        .expect("run outrigger certs");
+    assert!(
+        out.status.success(),
+        "outrigger certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = |f: &str| certs.path().join(f).display().to_string();
     for (file, instance, advertise) in [
         ("a.toml", "a", "a:15006"),
         ("b.toml", "b1", "b1:15006"),
@@ -787,6 +822,12 @@ fn compose_configs_pass_check_config() {
             .arg(repo().join("config").join(file))
             .env("OUTRIGGER_SERVICE__INSTANCE_ID", instance)
             .env("OUTRIGGER_SERVICE__ADVERTISE", advertise)
+            .env("OUTRIGGER_TLS__CA", path("ca.pem"))
+            .env("OUTRIGGER_TLS__CERT", path(&format!("{}.pem", &file[..1])))
+            .env(
+                "OUTRIGGER_TLS__KEY",
+                path(&format!("{}-key.pem", &file[..1])),
+            )
             .output()
             .expect("run outrigger check-config");
         assert!(
@@ -862,6 +903,79 @@ async fn compose_mesh_survives_a_sidecar_kill() {
         all_seen(&seen),
         "after {sent} requests not every replica answered: {seen:?}"
     );
+
+    // --- the mesh runs on mTLS ---------------------------------------------------------
+    // b1's sidecar accepted mTLS handshakes (its admin listener is on loopback in
+    // the namespace it shares with b1, where curl is).
+    let metrics = mesh
+        .run(
+            &[
+                "exec",
+                "-T",
+                "b1",
+                "curl",
+                "-fsS",
+                "http://127.0.0.1:15000/metrics",
+            ],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("b1-sidecar's /metrics: {e}"));
+    let handshakes = support::metrics::parse_metric(
+        &metrics,
+        "outrigger_tls_handshakes_total{direction=\"inbound\",result=\"ok\"}",
+    )
+    .unwrap_or(0.0);
+    println!("mTLS: b1-sidecar accepted {handshakes} inbound mTLS handshakes");
+    assert!(
+        handshakes >= 1.0,
+        "b1-sidecar took no mTLS handshake:\n{metrics}"
+    );
+    // Plaintext straight to b1's inbound listener is refused (no HTTP answer).
+    let plaintext = mesh
+        .run(
+            &[
+                "exec",
+                "-T",
+                "a",
+                "curl",
+                "-sS",
+                "--noproxy",
+                "*",
+                "--max-time",
+                "5",
+                "http://b1:15006/",
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
+    println!("mTLS: plaintext to b1:15006 → {plaintext:?}");
+    assert!(
+        plaintext.is_err(),
+        "plaintext to b1's inbound got an answer: {plaintext:?}"
+    );
+    // Authorization: c allows only b, so a's call to c (over a's sidecar, with
+    // a's identity) is refused with 403.
+    let code = mesh
+        .run(
+            &[
+                "exec",
+                "-T",
+                "a",
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://c/",
+            ],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a → c: {e}"));
+    println!("mTLS: a → c (allow = [\"b\"]) answered {code}");
+    assert_eq!(code.trim(), "403", "c must refuse a");
 
     // --- kill b1's sidecar under load ----------------------------------------------
     for app in ["b1", "b2"] {

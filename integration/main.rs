@@ -10,6 +10,7 @@ mod foundation;
 mod hardening_h2;
 mod hardening_input;
 mod hardening_overload;
+mod mtls;
 mod registry_faults;
 mod soak;
 mod support;

@@ -23,15 +23,17 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, TlsMode};
 use crate::discovery::{Applier, DiscoveryStatus, Table, UPDATE_CHANNEL};
 use crate::health::{self, RegistryHandle};
 use crate::http::server;
 use crate::inbound::{Direction, Inbound};
 use crate::metrics::Metrics;
+use crate::outbound::dial::PLAINTEXT_PROTOCOL;
 use crate::outbound::pool::PoolSettings;
 use crate::outbound::Outbound;
 use crate::registry::{self, EndpointRecord, RegistryError, UpdateTx};
+use crate::tls::Tls;
 
 /// How long each registry gets to deregister on shutdown; an unreachable
 /// registry must not hold the drain hostage (the lease/TTL cleans up).
@@ -58,12 +60,20 @@ pub enum AppError {
     /// set up.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The TLS files could not be loaded.
+    #[error("invalid TLS material: {0}")]
+    Tls(#[from] crate::tls::material::MaterialError),
 }
 
 /// Run the sidecar until shutdown completes.
 pub async fn run(config: Config) -> Result<(), AppError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
+    // TLS material first: a bad file must stop us before any port opens.
+    let tls = match &config.tls {
+        Some(_) => Some(Tls::new(&config, metrics.clone())?),
+        None => None,
+    };
 
     // 1. Bind everything before starting anything.
     let l = &config.listeners;
@@ -106,7 +116,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut applier = Applier::new(
         registries.iter().map(|r| r.name.clone()).collect(),
         config.clone(),
-        Arc::new(PoolSettings::default()),
+        Arc::new(PoolSettings { tls: tls.clone() }),
         metrics.clone(),
         table.clone(),
         status.clone(),
@@ -159,6 +169,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             move |req, remote| o.clone().handle(req, remote, None),
             stop_rx.clone(),
             drain_timeout,
+            None,
         )));
     }
     for (name, listener) in fixed_l {
@@ -170,9 +181,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             move |req, remote| o.clone().handle(req, remote, Some(name.clone())),
             stop_rx.clone(),
             drain_timeout,
+            None,
         )));
     }
-    let inbound = Arc::new(Inbound::new(&config, metrics.clone()));
+    let inbound = Arc::new(Inbound::new(&config, metrics.clone(), tls.clone()));
     {
         let i = inbound.clone();
         serving.push(tokio::spawn(server::serve(
@@ -182,6 +194,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             move |req, remote| i.clone().handle(req, remote, Direction::Inbound),
             stop_rx.clone(),
             drain_timeout,
+            tls.clone(),
         )));
     }
     if let Some(listener) = ingress_l {
@@ -193,6 +206,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             move |req, remote| i.clone().handle(req, remote, Direction::Ingress),
             stop_rx.clone(),
             drain_timeout,
+            None,
         )));
     }
     let admin = Arc::new(Admin {
@@ -213,11 +227,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             move |req, remote| a.clone().handle(req, remote),
             admin_stop_rx,
             Duration::from_secs(1),
+            None,
         ))
     };
+    let reload_task = tls.clone().map(|t| tokio::spawn(t.run_reload()));
     tracing::info!(
         service = %config.service.name,
         instance = %config.service.instance_id,
+        mtls = tls.as_ref().map(|t| t.identity().to_string()).unwrap_or_else(|| "off".into()),
         outbound = %config.listeners.outbound,
         inbound = %config.listeners.inbound,
         admin = %config.listeners.admin,
@@ -246,6 +263,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         let _ = t.await;
     }
     probe_task.abort();
+    if let Some(t) = reload_task {
+        t.abort();
+    }
     for t in discovery_tasks {
         t.abort();
     }
@@ -268,11 +288,26 @@ pub fn own_record(config: &Config) -> EndpointRecord {
         address: s.advertise.clone(),
         zone: s.zone.clone(),
         weight: s.weight,
-        protocols: vec!["http1".into(), "h2".into()],
+        protocols: protocols(config),
         tls: config.tls.is_some(),
         metadata: s.metadata.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
     }
+}
+
+/// The inbound listener's protocols; a permissive mTLS listener also
+/// advertises plaintext, so peers without `[tls]` may still call it during
+/// a rollout.
+fn protocols(config: &Config) -> Vec<String> {
+    let mut p = vec!["http1".to_owned(), "h2".to_owned()];
+    if config
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode == TlsMode::Permissive)
+    {
+        p.push(PLAINTEXT_PROTOCOL.to_owned());
+    }
+    p
 }
 
 async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

@@ -7,7 +7,7 @@
 //! load balancing, retries and failover.
 //!
 //! ```text
-//!  service A ──HTTP──▶ [A: outbound 15001] ──(HTTP/2)──▶ [B: inbound 15006] ──▶ service B
+//!  service A ──HTTP──▶ [A: outbound 15001] ──(mTLS, HTTP/2)──▶ [B: inbound 15006] ──▶ service B
 //!                           │ routing table (ArcSwap)            │ health probe
 //!                           ▲ watch                              ▼ register (lease / TTL)
 //!                         registry ◀─────────────────────────────┘
@@ -23,7 +23,8 @@
 //! - [`balance`]: per-endpoint state (peak-EWMA, in-flight, ejection), retry
 //!   budget, and the pickers (p2c-ewma, round-robin, least-request, random).
 //! - [`outbound`]: the outbound and `local_port` listeners' request path: target,
-//!   lookup, retries and failover; the HTTP/2 peer connection pool.
+//!   lookup, retries and failover; the HTTP/2 peer connection pool and
+//!   dialing (plaintext or mTLS).
 //! - [`inbound`]: relaying peer (and ingress) requests to the local service.
 //! - [`http`]: the body type, header hygiene, errors → responses (one function),
 //!   server setup with limits, byte-level connection guards (first-request
@@ -31,6 +32,8 @@
 //! - [`health`]: the local probe and the registration driver.
 //! - [`admin`]: `/live`, `/ready`, `/routes`, `/metrics`, `/config`, `/drain`.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`tls`]: mTLS between sidecars: rustls configs, SPIFFE identities and
+//!   verifiers, certificate reload, and the `outrigger certs` development CA.
 //! - [`app`]: wiring and the shutdown sequence.
 //! - [`routes_cli`]: `outrigger routes`, a readable view of a running sidecar's table.
 
@@ -49,3 +52,4 @@ pub mod metrics;
 pub mod outbound;
 pub mod registry;
 pub mod routes_cli;
+pub mod tls;

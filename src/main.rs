@@ -79,6 +79,27 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15000", env = "OUTRIGGER_ADMIN")]
         admin: SocketAddr,
     },
+    /// Write a development CA and one SPIFFE certificate per service, for
+    /// mTLS: ca.pem, ca-key.pem, <service>.pem, <service>-key.pem (keys
+    /// mode 0600). Existing files are kept (a rerun is a no-op; a new
+    /// service is issued by the existing CA) unless --force.
+    Certs {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// SPIFFE trust domain: identities are spiffe://<DOMAIN>/service/<name>.
+        #[arg(long)]
+        trust_domain: String,
+        /// Lifetime of the service certificates in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Replace every file: a new CA and new certificates.
+        #[arg(long)]
+        force: bool,
+        /// Services to issue certificates for.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
     /// Print a running sidecar's routing table.
     Routes {
         /// The sidecar's admin listener.
@@ -94,7 +115,41 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file, std::env::vars()) {
+        Command::Certs {
+            out,
+            trust_domain,
+            days,
+            force,
+            services,
+        } => {
+            let req = outrigger::tls::certs::CertsRequest {
+                out,
+                trust_domain,
+                services,
+                days,
+                force,
+            };
+            match outrigger::tls::certs::generate(&req) {
+                Ok(actions) => {
+                    for a in actions {
+                        match a {
+                            outrigger::tls::certs::FileAction::Written(p) => {
+                                println!("wrote {}", p.display())
+                            }
+                            outrigger::tls::certs::FileAction::Kept(p) => {
+                                println!("kept  {} (exists)", p.display())
+                            }
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { file } => match load(&file, std::env::vars().collect()) {
             Ok(_) => {
                 println!("{}: valid", file.display());
                 ExitCode::SUCCESS
@@ -157,13 +212,21 @@ fn main() -> ExitCode {
                     env.push((key.into(), toml_string(&v)));
                 }
             }
-            let config = match Config::load(&config, env) {
+            let config = match load(&config, env) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
             run(config)
         }
     }
+}
+
+/// Load and validate the config, then its TLS files (which `Config::load`
+/// does not touch, so config parsing stays free of I/O beyond the file).
+fn load(path: &std::path::Path, env: Vec<(String, String)>) -> Result<Config, ConfigError> {
+    let config = Config::load(path, env)?;
+    outrigger::tls::validate_files(&config)?;
+    Ok(config)
 }
 
 fn run(config: Config) -> ExitCode {

@@ -96,6 +96,22 @@ pub struct IndexResetLabels {
     pub reason: &'static str,
 }
 
+/// `tls_handshakes_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `inbound` (we are the server) or `outbound` (we dialed).
+    pub direction: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// `tls_reloads_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` (a new pair is in use) or `error` (rejected; the old pair stays).
+    pub result: &'static str,
+}
+
 /// All metrics of one sidecar.
 #[derive(Debug)]
 pub struct Metrics {
@@ -146,6 +162,13 @@ pub struct Metrics {
     pub local_healthy: Gauge,
     /// Resident memory in bytes, sampled at scrape time.
     pub resident_memory: Gauge,
+    /// mTLS handshakes between sidecars, by direction and result.
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// Certificate reloads, by result.
+    pub tls_reloads: Family<ReloadLabels, Counter>,
+    /// notAfter of the certificate in use, in Unix seconds (0 without TLS),
+    /// so an alert can fire well before it lapses.
+    pub tls_cert_expiry: Gauge,
 }
 
 // === impl Metrics ===
@@ -179,6 +202,9 @@ impl Metrics {
             table_stale: Gauge::default(),
             local_healthy: Gauge::default(),
             resident_memory: Gauge::default(),
+            tls_handshakes: Family::default(),
+            tls_reloads: Family::default(),
+            tls_cert_expiry: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -287,6 +313,21 @@ impl Metrics {
             "resident_memory_bytes",
             "Resident set size",
             m.resident_memory.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "mTLS handshakes between sidecars, by direction and result",
+            m.tls_handshakes.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Certificate reloads, by result (error: the old pair stays in use)",
+            m.tls_reloads.clone(),
+        );
+        r.register(
+            "tls_cert_expiry_timestamp_seconds",
+            "notAfter of the certificate in use (Unix seconds; 0 without TLS)",
+            m.tls_cert_expiry.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -25,7 +25,9 @@
 //! - [`raw`]: raw HTTP/1 bytes and hand-written HTTP/2 frames;
 //! - [`procfs`]: RSS, CPU time and open FDs of a process, and peak sampling;
 //! - [`guarded_mesh`]: the hardening suites' static mesh (A plus one sidecar
-//!   per peer service, shared `[limits]`).
+//!   per peer service, shared `[limits]`);
+//! - [`pki`]: test CAs and certificates (good and broken) and a direct
+//!   mTLS client for the inbound listener.
 //!
 //! Every helper that does network I/O or waits is async on tokio; helpers
 //! that only touch files or spawn a process are plain functions. Nothing
@@ -44,6 +46,7 @@ pub mod guarded_mesh;
 pub mod loadgen;
 pub mod mesh;
 pub mod metrics;
+pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod procfs;

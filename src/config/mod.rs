@@ -288,6 +288,18 @@ pub struct TlsConfig {
     pub allow: Vec<String>,
     /// How often the files are checked for a change.
     pub reload_interval: Duration,
+    /// Whether the inbound listener also accepts plaintext peers.
+    pub mode: TlsMode,
+}
+
+/// `tls.mode`: what the inbound listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// mTLS only: a plaintext connection is refused (the default).
+    Strict,
+    /// mTLS, and plaintext from peers that have not migrated yet (such
+    /// requests carry no verified identity). For rolling mTLS out.
+    Permissive,
 }
 
 // === impl UpstreamPolicy ===

@@ -28,6 +28,7 @@ pub use table::{Endpoint, ServiceRoutes, ServiceState, Table};
 use crate::balance::{EndpointState, RetryBudget};
 use crate::config::Config;
 use crate::metrics::{EndpointLabels, Metrics, RegistryLabels};
+use crate::outbound::dial::{PeerTls, PLAINTEXT_PROTOCOL};
 use crate::outbound::pool::{PeerPool, PoolSettings};
 use crate::registry::{EndpointRecord, SourcedUpdate, Update};
 
@@ -367,16 +368,16 @@ impl Applier {
             let old = prev.services.get(svc.as_str());
             let routes = self.build_service(svc, now);
             if let Some(old) = old {
-                let kept = |a: &str| {
+                let kept = |key: &Arc<str>| {
                     routes
                         .as_ref()
-                        .is_some_and(|r| r.endpoints.iter().any(|e| &*e.state.addr == a))
+                        .is_some_and(|r| r.endpoints.iter().any(|e| state_key(&e.record) == *key))
                 };
                 dropped_addrs.extend(
                     old.endpoints
                         .iter()
-                        .filter(|e| !kept(&e.state.addr))
-                        .map(|e| e.state.addr.clone()),
+                        .map(|e| state_key(&e.record))
+                        .filter(|key| !kept(key)),
                 );
             }
             match routes {
@@ -398,12 +399,12 @@ impl Applier {
         // come back, a fresh registration is fresh evidence of health. (An
         // address still used by another service keeps its state.)
         if !dropped_addrs.is_empty() {
-            let live: HashSet<&str> = services
+            let live: HashSet<Arc<str>> = services
                 .values()
-                .flat_map(|s| s.endpoints.iter().map(|e| &*e.state.addr))
+                .flat_map(|s| s.endpoints.iter().map(|e| state_key(&e.record)))
                 .collect();
             for addr in &dropped_addrs {
-                if !live.contains(&**addr) {
+                if !live.contains(addr) {
                     self.endpoint_states.remove(addr);
                 }
             }
@@ -455,11 +456,12 @@ impl Applier {
             let pool = &self.pool;
             let state = self
                 .endpoint_states
-                .entry(addr.clone())
+                .entry(state_key(&known.record))
                 .or_insert_with(|| {
+                    let peer = peer_tls(&known.record);
                     Arc::new(EndpointState::new(
                         addr.clone(),
-                        PeerPool::new(addr.clone(), pool.clone()),
+                        PeerPool::for_peer(addr.clone(), pool.clone(), Some(peer)),
                         now,
                     ))
                 })
@@ -539,6 +541,29 @@ impl Applier {
     }
 }
 
+/// The key of an endpoint's long-lived state (and connection pool). An
+/// address alone suffices for a plaintext endpoint; an mTLS endpoint's
+/// connections are also bound to the identity they verified and to the way
+/// they were dialed, so a TLS and a plaintext registration of one address
+/// (a rollout in progress) never share a connection.
+fn state_key(record: &EndpointRecord) -> Arc<str> {
+    if !record.tls {
+        return record.address.as_str().into();
+    }
+    let peer = peer_tls(record);
+    let plain = if peer.plaintext { "+plaintext" } else { "" };
+    format!("{}#mtls:{}{plain}", record.address, record.service).into()
+}
+
+/// How the record says its endpoint may be dialed.
+fn peer_tls(record: &EndpointRecord) -> PeerTls {
+    PeerTls {
+        service: record.service.as_str().into(),
+        tls: record.tls,
+        plaintext: !record.tls || record.protocols.iter().any(|p| p == PLAINTEXT_PROTOCOL),
+    }
+}
+
 impl Source {
     fn new(name: Arc<str>) -> Self {
         Source {
@@ -567,7 +592,7 @@ mod tests {
         let applier = Applier::new(
             vec!["0-etcd".into()],
             Arc::new(config),
-            Arc::new(PoolSettings {}),
+            Arc::new(PoolSettings { tls: None }),
             metrics.clone(),
             table.clone(),
             Arc::new(DiscoveryStatus::default()),

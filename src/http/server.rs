@@ -13,6 +13,11 @@
 //! timeout starts only after the protocol is known), and an HTTP/1 request
 //! whose framing is ambiguous (request smuggling) makes every request on
 //! that connection a 400 followed by a close.
+//!
+//! A listener given a [`Tls`] (the inbound one, when `[tls]` is set)
+//! handshakes each connection in its own task before serving HTTP, and hands
+//! the caller's verified identity to the handler as a [`PeerIdentity`]
+//! request extension.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,13 +30,20 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use super::conn_guard::{ConnGuard, GuardedIo};
 use super::error::respond;
 use super::{Body, ProxyError};
 use crate::config::Limits;
+use crate::tls::{PeerIdentity, Tls, HANDSHAKE_TIMEOUT};
+
+/// The first byte of every TLS connection (a handshake record), which no
+/// plaintext HTTP/1 or HTTP/2 request starts with.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Smallest read buffer hyper accepts; the header limit cannot go below it.
 const HYPER_MIN_BUF: usize = 8192;
@@ -132,6 +144,7 @@ pub async fn serve<H, F>(
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
+    tls: Option<Arc<Tls>>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -166,49 +179,21 @@ pub async fn serve<H, F>(
         };
         // Small request/response messages must not wait for Nagle.
         let _ = stream.set_nodelay(true);
+        let conn = Conn {
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            name,
+            remote,
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+            header_read_timeout: limits.header_read_timeout,
+        };
         let handler = handler.clone();
-        let max_header_bytes = limits.max_header_bytes;
-        let guard = Arc::new(ConnGuard::default());
-        let io = GuardedIo::new(
-            stream,
-            guard.clone(),
-            limits.header_read_timeout,
-            max_header_bytes.max(HYPER_MIN_BUF),
-            limits.max_headers,
-        );
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            guard.request_started();
-            // hyper bounds its read buffer, not the header block exactly;
-            // the documented limit is enforced here, before any relaying.
-            let size = header_block_size(&req);
-            let refused = if let Some(why) = guard.ambiguous_framing() {
-                Some(ProxyError::AmbiguousFraming(why))
-            } else if size > max_header_bytes {
-                Some(ProxyError::HeadersTooLarge {
-                    size,
-                    limit: max_header_bytes,
-                })
-            } else {
-                None
-            };
-            let version = req.version();
-            let relay = match refused {
-                None => Ok(handler(req, remote)),
-                Some(err) => Err(err),
-            };
-            async move {
-                Ok::<_, Infallible>(match relay {
-                    Ok(fut) => fut.await,
-                    Err(err) => refuse(&err, version, name),
-                })
-            }
-        });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-            if let Err(e) = watcher.watch(conn).await {
-                log_connection_end(name, remote, e.as_ref());
+            match tls {
+                None => conn.serve(stream, handler, None).await,
+                Some(tls) => serve_tls(conn, stream, handler, &tls).await,
             }
             drop(permit);
         });
@@ -228,6 +213,135 @@ pub async fn serve<H, F>(
             "drain timeout reached; closing remaining connections"
         );
     }
+}
+
+/// What one accepted connection needs to be served.
+struct Conn {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    name: &'static str,
+    remote: SocketAddr,
+    max_header_bytes: usize,
+    max_headers: usize,
+    header_read_timeout: Duration,
+}
+
+// === impl Conn ===
+
+impl Conn {
+    /// Serve HTTP on `io` until it closes (or the drain ends it). With mTLS,
+    /// `identity` is the caller's verified identity, handed to the handler
+    /// as a request extension.
+    async fn serve<I, H, F>(self, io: I, handler: H, identity: Option<PeerIdentity>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let Conn {
+            builder,
+            watcher,
+            name,
+            remote,
+            max_header_bytes,
+            max_headers,
+            header_read_timeout,
+        } = self;
+        // The guard sits on the plaintext side of TLS: it must see the HTTP
+        // bytes hyper parses, and its first-request deadline starts once the
+        // handshake (bounded on its own) is done.
+        let guard = Arc::new(ConnGuard::default());
+        let io = GuardedIo::new(
+            io,
+            guard.clone(),
+            header_read_timeout,
+            max_header_bytes.max(HYPER_MIN_BUF),
+            max_headers,
+        );
+        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            guard.request_started();
+            // hyper bounds its read buffer, not the header block exactly;
+            // the documented limit is enforced here, before any relaying.
+            let size = header_block_size(&req);
+            let refused = if let Some(why) = guard.ambiguous_framing() {
+                Some(ProxyError::AmbiguousFraming(why))
+            } else if size > max_header_bytes {
+                Some(ProxyError::HeadersTooLarge {
+                    size,
+                    limit: max_header_bytes,
+                })
+            } else {
+                None
+            };
+            if let Some(id) = &identity {
+                req.extensions_mut().insert(id.clone());
+            }
+            let version = req.version();
+            let relay = match refused {
+                None => Ok(handler(req, remote)),
+                Some(err) => Err(err),
+            };
+            async move {
+                Ok::<_, Infallible>(match relay {
+                    Ok(fut) => fut.await,
+                    Err(err) => refuse(&err, version, name),
+                })
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        if let Err(e) = watcher.watch(conn).await {
+            log_connection_end(name, remote, e.as_ref());
+        }
+    }
+}
+
+/// The TLS side of an inbound connection: handshake (client certificate
+/// required), then HTTP with the caller's identity. A failed handshake (no
+/// certificate, a foreign CA, a bad identity, plaintext) closes the
+/// connection; nothing reaches the local service. In permissive mode a
+/// connection whose first byte is not a TLS handshake record is served as
+/// plaintext, without an identity.
+async fn serve_tls<H, F>(conn: Conn, stream: TcpStream, handler: H, tls: &Tls)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    if tls.permissive() {
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await;
+        match peeked {
+            Ok(Ok(1..)) if first[0] != TLS_HANDSHAKE_RECORD => {
+                return conn.serve(stream, handler, None).await;
+            }
+            Ok(Ok(1..)) => {}
+            _ => return,
+        }
+    }
+    let remote = conn.remote;
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await;
+    let stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tls.record_handshake("inbound", false);
+            tracing::info!(listener = conn.name, peer = %remote, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tls.record_handshake("inbound", false);
+            tracing::info!(listener = conn.name, peer = %remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = crate::tls::peer_identity(stream.get_ref().1, tls.trust_domain());
+    let Some(identity) = identity else {
+        // The verifier already required one; this is belt and braces.
+        tls.record_handshake("inbound", false);
+        return;
+    };
+    tls.record_handshake("inbound", true);
+    tracing::debug!(listener = conn.name, peer = %remote, identity = %identity, "mTLS peer");
+    conn.serve(stream, handler, Some(PeerIdentity(Arc::new(identity))))
+        .await;
 }
 
 /// Bytes of a request's header block as sent on the wire (name, `: `,

@@ -5,6 +5,11 @@
 //! the original caller's: the calling sidecar marks requests that started as
 //! HTTP/1.1 (`x-outrigger-orig-proto`), and everything else (gRPC, h2c) goes
 //! out as HTTP/2. Upgrades get a dedicated HTTP/1.1 connection.
+//!
+//! With mTLS, each inbound request is authorized first: the caller's
+//! identity comes from its verified client certificate (never from a
+//! header), must be in `tls.allow`, and is passed to the local service as
+//! `x-outrigger-caller`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,10 +24,11 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::http::error::respond;
-use crate::http::headers::{self, ORIG_PROTO};
+use crate::http::headers::{self, CALLER, ORIG_PROTO};
 use crate::http::{Body, ProxyError};
 use crate::metrics::Metrics;
 use crate::outbound::error_chain;
+use crate::tls::{PeerIdentity, Tls};
 
 /// Connect deadline to the local service: it is on loopback, so anything
 /// slower than this means it is not listening.
@@ -47,13 +53,15 @@ pub struct Inbound {
     http2: Client<HttpConnector, Body>,
     metrics: Arc<Metrics>,
     service: Arc<str>,
+    /// mTLS: who may call (`tls.allow`); `None` for a plaintext mesh.
+    tls: Option<Arc<Tls>>,
 }
 
 // === impl Inbound ===
 
 impl Inbound {
     /// Relay to the local service configured in `config`.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: &Config, metrics: Arc<Metrics>, tls: Option<Arc<Tls>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(LOCAL_CONNECT_TIMEOUT));
@@ -75,6 +83,7 @@ impl Inbound {
             http2,
             metrics,
             service: config.service.name.as_str().into(),
+            tls,
         }
     }
 
@@ -96,6 +105,18 @@ impl Inbound {
             headers::reset_forwarded_for(req.headers_mut(), remote.ip());
         }
         let request_id = headers::ensure_request_id(req.headers_mut());
+        if direction == Direction::Inbound {
+            if let Err(e) = self.authorize(&mut req) {
+                let res = respond(&e, &request_id, label);
+                self.metrics.record_request(
+                    label,
+                    &self.service,
+                    res.status().as_u16(),
+                    start.elapsed(),
+                );
+                return res;
+            }
+        }
         let res = match self.relay(req, &request_id).await {
             Ok(r) => r,
             Err(e) => respond(&e, &request_id, label),
@@ -103,6 +124,28 @@ impl Inbound {
         self.metrics
             .record_request(label, &self.service, res.status().as_u16(), start.elapsed());
         res
+    }
+
+    /// With mTLS, the caller is who its verified certificate says: any
+    /// `x-outrigger-caller` it sent is replaced by that identity's service
+    /// name, and a caller not in `tls.allow` is refused. A plaintext
+    /// request (permissive mode only) has no identity to offer: the header
+    /// is removed and `allow` cannot apply.
+    fn authorize(&self, req: &mut Request<Incoming>) -> Result<(), ProxyError> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        req.headers_mut().remove(CALLER);
+        let Some(PeerIdentity(id)) = req.extensions().get::<PeerIdentity>().cloned() else {
+            return Ok(());
+        };
+        if !tls.allows(&id.service) {
+            return Err(ProxyError::Forbidden(id.to_string()));
+        }
+        if let Ok(v) = HeaderValue::from_str(&id.service) {
+            req.headers_mut().insert(CALLER, v);
+        }
+        Ok(())
     }
 
     async fn relay(

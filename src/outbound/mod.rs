@@ -13,6 +13,7 @@
 //!    load held until its body ends; or a sidecar error through
 //!    [`crate::http::error::respond`].
 
+pub mod dial;
 pub mod pool;
 pub mod retry;
 pub mod route;

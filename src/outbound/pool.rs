@@ -16,6 +16,10 @@
 //!
 //! Upgrades (WebSocket) need an HTTP/1.1 connection of their own, which is
 //! made per request and never pooled (an upgraded connection is consumed).
+//!
+//! With mTLS both kinds are dialed through [`super::dial`], which decides
+//! TLS or plaintext from the endpoint's record and verifies the peer's
+//! SPIFFE identity.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -29,7 +33,9 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::dial::{self, PeerStream, PeerTls};
 use crate::http::Body;
+use crate::tls::Tls;
 
 /// PING interval on sidecar-to-sidecar connections.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,7 +55,10 @@ const FAILED_CONNECT_MEMORY: Duration = Duration::from_millis(250);
 
 /// Settings shared by all peer pools.
 #[derive(Debug, Clone, Default)]
-pub struct PoolSettings {}
+pub struct PoolSettings {
+    /// Our mTLS state; `None` when `[tls]` is not configured.
+    pub tls: Option<Arc<Tls>>,
+}
 
 /// Why a connection to a peer could not be established.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -65,8 +74,10 @@ pub struct ConnectError {
 #[derive(Debug)]
 pub struct PeerPool {
     addr: Arc<str>,
-    #[allow(dead_code)]
     settings: Arc<PoolSettings>,
+    /// How the endpoint's record says it may be dialed (`None`: plaintext,
+    /// for detached test pools).
+    peer: Option<PeerTls>,
     /// The live connection, if any. A std mutex: held only to clone or
     /// replace the sender, never across an await.
     ready: Mutex<Option<http2::SendRequest<Body>>>,
@@ -83,9 +94,16 @@ pub struct PeerPool {
 impl PeerPool {
     /// A pool for the endpoint at `addr` (`host:port`).
     pub fn new(addr: Arc<str>, settings: Arc<PoolSettings>) -> Self {
+        Self::for_peer(addr, settings, None)
+    }
+
+    /// A pool for an endpoint whose record says how to dial it (TLS or
+    /// not, and which service's identity it must prove).
+    pub fn for_peer(addr: Arc<str>, settings: Arc<PoolSettings>, peer: Option<PeerTls>) -> Self {
         PeerPool {
             addr,
             settings,
+            peer,
             ready: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             last_failure: Mutex::new(None),
@@ -153,7 +171,8 @@ impl PeerPool {
         &self,
         connect_timeout: Duration,
     ) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let stream = self.tcp(connect_timeout).await?;
+        let started = Instant::now();
+        let stream = self.dial(connect_timeout, false, started).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -220,12 +239,43 @@ impl PeerPool {
         })?
     }
 
+    /// TCP, then mTLS if this endpoint is dialed with TLS (ALPN `h2` for
+    /// the pool, `http/1.1` for an upgrade). The handshake shares the
+    /// connect deadline.
+    async fn dial(
+        &self,
+        timeout: Duration,
+        h2: bool,
+        started: Instant,
+    ) -> Result<PeerStream, ConnectError> {
+        let tls = self.settings.tls.as_deref();
+        let use_tls = match &self.peer {
+            Some(peer) => dial::plan(tls.map(Tls::mode), peer).map_err(|m| self.err(m))?,
+            None => false,
+        };
+        let tcp = self.tcp(timeout).await?;
+        let (Some(tls), Some(peer), true) = (tls, &self.peer, use_tls) else {
+            return Ok(PeerStream::Plain(tcp));
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        tokio::time::timeout(left, dial::handshake(tls, tcp, &peer.service, h2))
+            .await
+            .map_err(|_| {
+                tls.record_handshake("outbound", false);
+                self.err(format!(
+                    "mTLS handshake not done within {} ms",
+                    timeout.as_millis()
+                ))
+            })?
+            .map_err(|m| self.err(m))
+    }
+
     async fn connect_h2(
         &self,
         timeout: Duration,
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
         let started = Instant::now();
-        let stream = self.tcp(timeout).await?;
+        let stream = self.dial(timeout, true, started).await?;
         let (first_bytes_tx, first_bytes) = oneshot::channel();
         let io = FirstRead {
             inner: stream,
@@ -281,7 +331,7 @@ impl PeerPool {
 
 /// A stream that reports when its first bytes are read.
 struct FirstRead {
-    inner: TcpStream,
+    inner: PeerStream,
     notify: Option<oneshot::Sender<()>>,
 }
 

@@ -38,6 +38,10 @@ struct RawEndpoint {
     weight: Option<u32>,
     #[serde(default)]
     tls: bool,
+    /// What the inbound speaks; with `tls`, `"plaintext"` marks a
+    /// permissive listener (see `outbound::dial`).
+    #[serde(default)]
+    protocols: Vec<String>,
     #[serde(default)]
     metadata: std::collections::BTreeMap<String, String>,
 }
@@ -166,7 +170,7 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointRecord>, String> {
             address: e.address,
             zone: e.zone,
             weight: e.weight.unwrap_or(DEFAULT_WEIGHT),
-            protocols: Vec::new(),
+            protocols: e.protocols,
             tls: e.tls,
             metadata: e.metadata,
             version: String::new(),
@@ -215,6 +219,10 @@ pub fn render_endpoints(records: &[EndpointRecord]) -> String {
                 .map(|(k, v)| format!("{} = {}", toml_str(k), toml_str(v)))
                 .collect();
             out.push_str(&format!("metadata = {{ {} }}\n", pairs.join(", ")));
+        }
+        if !r.protocols.is_empty() {
+            let list: Vec<String> = r.protocols.iter().map(|p| toml_str(p)).collect();
+            out.push_str(&format!("protocols = [{}]\n", list.join(", ")));
         }
     }
     out
@@ -302,5 +310,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parse_endpoints(&render_endpoints(&eps)).unwrap(), eps);
+        let tls = parse_endpoints(
+            "[[endpoints]]\nservice=\"b\"\naddress=\"h:1\"\ntls=true\nprotocols=[\"h2\",\"plaintext\"]\n",
+        )
+        .unwrap();
+        assert_eq!(tls[0].protocols, ["h2", "plaintext"]);
+        assert_eq!(parse_endpoints(&render_endpoints(&tls)).unwrap(), tls);
     }
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::config::{
     format_duration, Config, HealthCheck, LbKind, OutlierConfig, RegistryConfig, RegistryKind,
-    UpstreamPolicy,
+    TlsMode, UpstreamPolicy,
 };
 
 /// What a set secret is shown as. Unset secrets are `null`, so an operator
@@ -86,6 +86,10 @@ pub(crate) fn redacted_json(config: &Config) -> Value {
             "trust_domain": tls.trust_domain,
             "allow": tls.allow,
             "reload_interval": format_duration(tls.reload_interval),
+            "mode": match tls.mode {
+                TlsMode::Strict => "strict",
+                TlsMode::Permissive => "permissive",
+            },
         })),
     })
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{check_dns_name, check_service_name};
 use crate::config::raw::Section;
-use crate::config::{Limits, Listeners, Runtime, TlsConfig};
+use crate::config::{Limits, Listeners, Runtime, TlsConfig, TlsMode};
 
 const LISTENER_KEYS: &[&str] = &["outbound", "inbound", "admin", "ingress"];
 const RUNTIME_KEYS: &[&str] = &["worker_threads", "drain_timeout", "state_dir"];
@@ -24,6 +24,7 @@ const TLS_KEYS: &[&str] = &[
     "trust_domain",
     "allow",
     "reload_interval",
+    "mode",
 ];
 
 /// `[listeners]`, rejecting two listeners that could not both bind.
@@ -140,5 +141,14 @@ pub(super) fn tls(sec: &Section<'_>) -> Option<TlsConfig> {
         reload_interval: sec
             .positive_duration("reload_interval")
             .unwrap_or(Duration::from_secs(5)),
+        mode: sec
+            .parse("mode", r#""strict" or "permissive""#, |s| match s {
+                "strict" => Ok(TlsMode::Strict),
+                "permissive" => Ok(TlsMode::Permissive),
+                other => Err(format!(
+                    r#"{other:?} is not a TLS mode (use "strict" or "permissive")"#
+                )),
+            })
+            .unwrap_or(TlsMode::Strict),
     })
 }

@@ -841,6 +841,7 @@ fn limits_and_tls_rules() {
         key = "k.pem"
         trust_domain = "Mesh..Local"
         allow = ["a", "B"]
+        mode = "loose"
         "#,
     ));
     assert_eq!(
@@ -850,6 +851,7 @@ fn limits_and_tls_rules() {
             "limits.header_read_timeout: must be greater than 0s",
             r#"tls.trust_domain: "Mesh..Local" is not a valid DNS name (lowercase labels of letters, digits and '-', separated by '.')"#,
             r#"tls.allow[1]: "B" is not a valid service name (1-63 lowercase letters, digits or '-', starting and ending with a letter or digit)"#,
+            r#"tls.mode: "loose" is not a TLS mode (use "strict" or "permissive")"#,
         ]
     );
 }
