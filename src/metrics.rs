@@ -1,9 +1,11 @@
 //! Prometheus metrics (`prometheus-client`), served by the admin listener.
 //!
 //! Label values are `Arc<str>` and `&'static str` so recording a request
-//! clones pointers rather than allocating strings.
+//! clones pointers rather than allocating strings. The request path goes
+//! further and records through [`RequestMetrics`], handles resolved once per
+//! service, so it hashes no label set at all.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -110,6 +112,26 @@ pub struct HandshakeLabels {
 pub struct ReloadLabels {
     /// `ok` (a new pair is in use) or `error` (rejected; the old pair stays).
     pub result: &'static str,
+}
+
+/// The request series of one (direction, service), resolved once.
+///
+/// `Family::get_or_create` hashes the whole label set and takes the family's
+/// lock on every call; for `requests_total` and `request_duration_seconds`
+/// that was two hashes per request per hop. The handles here share their
+/// storage with the family (prometheus-client metrics are `Arc`s inside), so
+/// recording through them is the same series at the cost of the atomics.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    direction: &'static str,
+    service: Arc<str>,
+    /// The family, to create a counter for a status not seen before.
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    /// Counters by status code seen so far. A service answers with a
+    /// handful of codes, so a short scan under an uncontended lock beats
+    /// hashing; the list is bounded by the number of valid codes.
+    codes: Mutex<Vec<(u16, Counter)>>,
 }
 
 /// All metrics of one sidecar.
@@ -355,6 +377,25 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Handles on the request series of `direction` and `service`, for a
+    /// caller that records many requests to one service.
+    pub fn request_metrics(&self, direction: &'static str, service: &Arc<str>) -> RequestMetrics {
+        let duration = self
+            .duration
+            .get_or_create(&DurationLabels {
+                direction,
+                service: service.clone(),
+            })
+            .clone();
+        RequestMetrics {
+            direction,
+            service: service.clone(),
+            requests: self.requests.clone(),
+            duration,
+            codes: Mutex::new(Vec::new()),
+        }
+    }
+
     /// Per-service label set.
     pub fn service(service: &Arc<str>) -> ServiceLabels {
         ServiceLabels {
@@ -375,6 +416,39 @@ impl Metrics {
     }
 }
 
+// === impl RequestMetrics ===
+
+impl RequestMetrics {
+    /// Count one finished request.
+    pub fn record(&self, code: u16, elapsed: std::time::Duration) {
+        self.counter(code).inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    fn counter(&self, code: u16) -> Counter {
+        let Ok(mut codes) = self.codes.lock() else {
+            // Poisoned only if a panic hit mid-push; the family still works.
+            return self.family_counter(code);
+        };
+        if let Some((_, c)) = codes.iter().find(|(k, _)| *k == code) {
+            return c.clone();
+        }
+        let c = self.family_counter(code);
+        codes.push((code, c.clone()));
+        c
+    }
+
+    fn family_counter(&self, code: u16) -> Counter {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction: self.direction,
+                service: self.service.clone(),
+                code,
+            })
+            .clone()
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
@@ -386,4 +460,40 @@ pub fn resident_memory_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_handles_record_into_the_exported_series() {
+        let m = Metrics::new();
+        let svc: Arc<str> = "b".into();
+        let h = m.request_metrics("outbound", &svc);
+        h.record(200, std::time::Duration::from_millis(1));
+        h.record(200, std::time::Duration::from_millis(1));
+        h.record(503, std::time::Duration::from_millis(1));
+        // The slow path and the handle are one series, not two.
+        m.record_request("outbound", &svc, 200, std::time::Duration::from_millis(1));
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"outrigger_requests_total{direction="outbound",service="b",code="200"} 3"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"outrigger_requests_total{direction="outbound",service="b",code="503"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"outrigger_request_duration_seconds_count{direction="outbound",service="b"} 4"#
+            ),
+            "{text}"
+        );
+    }
 }

@@ -24,7 +24,7 @@ fn policy(lb: LbKind) -> UpstreamPolicy {
 fn endpoint(i: usize, zone: Option<&str>, my_zone: Option<&str>, weight: u32) -> Arc<Endpoint> {
     let addr: Arc<str> = format!("10.0.0.{i}:15006").into();
     Arc::new(Endpoint {
-        record: EndpointRecord {
+        record: Arc::new(EndpointRecord {
             service: "b".into(),
             instance: format!("b-{i}"),
             address: addr.to_string(),
@@ -34,7 +34,7 @@ fn endpoint(i: usize, zone: Option<&str>, my_zone: Option<&str>, weight: u32) ->
             tls: false,
             metadata: Default::default(),
             version: String::new(),
-        },
+        }),
         weight,
         local: zone.is_some() && zone == my_zone,
         source: 0,

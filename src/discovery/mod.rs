@@ -26,7 +26,7 @@ pub use persist::{load_state_file, state_file_path, write_state_file};
 pub use table::{Endpoint, ServiceRoutes, ServiceState, Table};
 
 use crate::balance::{EndpointState, RetryBudget};
-use crate::config::Config;
+use crate::config::{Config, UpstreamPolicy};
 use crate::metrics::{EndpointLabels, Metrics, RegistryLabels};
 use crate::outbound::dial::{PeerTls, PLAINTEXT_PROTOCOL};
 use crate::outbound::pool::{PeerPool, PoolSettings};
@@ -65,7 +65,11 @@ struct Source {
 
 #[derive(Debug, Clone)]
 struct Known {
-    record: EndpointRecord,
+    /// Shared with every published [`Endpoint`] built from it: a table
+    /// swap then copies a pointer per endpoint instead of the record's
+    /// strings and metadata (about 7 allocations each), which is most of
+    /// what made a 10k-endpoint rebuild slow.
+    record: Arc<EndpointRecord>,
     revision: u64,
     seen_at: SystemTime,
 }
@@ -80,6 +84,10 @@ pub struct Applier {
     table: Arc<ArcSwap<Table>>,
     status: Arc<DiscoveryStatus>,
     config: Arc<Config>,
+    /// Every `[[upstreams]]` policy, and the `[outbound]` defaults for all
+    /// other services, shared by the routes that use them.
+    policies: HashMap<String, Arc<UpstreamPolicy>>,
+    default_policy: Arc<UpstreamPolicy>,
     pool: Arc<PoolSettings>,
     metrics: Arc<Metrics>,
     state_file: Option<PathBuf>,
@@ -128,7 +136,15 @@ impl Applier {
         let state_source = sources.len();
         sources.push(Source::new("state-file".into()));
         let state_file = config.runtime.state_dir.as_deref().map(state_file_path);
+        let policies = config
+            .upstreams
+            .iter()
+            .map(|u| (u.name.clone(), Arc::new(u.policy.clone())))
+            .collect();
+        let default_policy = Arc::new(config.outbound.defaults.clone());
         Applier {
+            policies,
+            default_policy,
             sources,
             state_source,
             endpoint_states: HashMap::new(),
@@ -199,6 +215,19 @@ impl Applier {
         self.maybe_persist(true);
     }
 
+    /// Apply a batch of updates and publish one table if anything changed,
+    /// exactly as [`Applier::run`] does for a burst from its channel. Lets
+    /// benchmarks and scale tests drive the applier without a runtime.
+    pub fn apply_batch(&mut self, updates: impl IntoIterator<Item = SourcedUpdate>) {
+        let mut changed = false;
+        for u in updates {
+            changed |= self.apply(u.source, u.update);
+        }
+        if changed {
+            self.publish();
+        }
+    }
+
     /// Apply one update; returns whether the table must be rebuilt.
     fn apply(&mut self, source: usize, update: Update) -> bool {
         let Some(src) = self.sources.get_mut(source) else {
@@ -221,9 +250,9 @@ impl Applier {
                     let key = (record.service.clone(), record.instance.clone());
                     // Keep `seen_at` for records that did not change, so
                     // `/routes` ages stay meaningful across resyncs.
-                    let seen_at = match src.endpoints.get(&key) {
-                        Some(k) if k.record == record => k.seen_at,
-                        _ => now,
+                    let (record, seen_at) = match src.endpoints.get(&key) {
+                        Some(k) if *k.record == record => (k.record.clone(), k.seen_at),
+                        _ => (Arc::new(record), now),
                     };
                     next.insert(
                         key,
@@ -278,14 +307,14 @@ impl Applier {
                 }
                 src.revision = src.revision.max(revision);
                 let key = (endpoint.service.clone(), endpoint.instance.clone());
-                if src.endpoints.get(&key).map(|k| &k.record) == Some(&endpoint) {
+                if src.endpoints.get(&key).map(|k| &*k.record) == Some(&endpoint) {
                     return false;
                 }
                 self.dirty.mark(&endpoint.service);
                 src.endpoints.insert(
                     key,
                     Known {
-                        record: endpoint,
+                        record: Arc::new(endpoint),
                         revision,
                         seen_at: now,
                     },
@@ -452,20 +481,29 @@ impl Applier {
         let my_zone = self.config.service.zone.as_deref();
         let mut endpoints = Vec::with_capacity(merged.len());
         for (source, known) in merged.into_values() {
-            let addr: Arc<str> = known.record.address.as_str().into();
-            let pool = &self.pool;
-            let state = self
-                .endpoint_states
-                .entry(state_key(&known.record))
-                .or_insert_with(|| {
+            // Plaintext endpoints are keyed by address alone, so they are
+            // looked up by `&str` and a key is allocated only for an address
+            // seen for the first time; mTLS keys carry the identity too.
+            let existing = if known.record.tls {
+                self.endpoint_states.get(&*state_key(&known.record))
+            } else {
+                self.endpoint_states.get(known.record.address.as_str())
+            };
+            let state = match existing {
+                Some(state) => state.clone(),
+                None => {
+                    let addr: Arc<str> = known.record.address.as_str().into();
                     let peer = peer_tls(&known.record);
-                    Arc::new(EndpointState::new(
+                    let state = Arc::new(EndpointState::new(
                         addr.clone(),
-                        PeerPool::for_peer(addr.clone(), pool.clone(), Some(peer)),
+                        PeerPool::for_peer(addr.clone(), self.pool.clone(), Some(peer)),
                         now,
-                    ))
-                })
-                .clone();
+                    ));
+                    self.endpoint_states
+                        .insert(state_key(&known.record), state.clone());
+                    state
+                }
+            };
             endpoints.push(Arc::new(Endpoint {
                 weight: known.record.weight,
                 local: my_zone.is_some() && known.record.zone.as_deref() == my_zone,
@@ -481,8 +519,14 @@ impl Applier {
             None => Arc::<str>::from(svc),
         };
         let shared = self.service_state(&name, now);
+        let policy = self
+            .policies
+            .get(svc)
+            .unwrap_or(&self.default_policy)
+            .clone();
         Some(Arc::new(ServiceRoutes {
             name,
+            policy,
             endpoints,
             rr: Default::default(),
             shared,
@@ -508,6 +552,7 @@ impl Applier {
                         now,
                     ),
                     in_flight: AtomicU64::new(0),
+                    requests: metrics.request_metrics("outbound", name),
                 })
             })
             .clone()
@@ -531,7 +576,7 @@ impl Applier {
         let records: Vec<EndpointRecord> = table
             .services
             .values()
-            .flat_map(|s| s.endpoints.iter().map(|e| e.record.clone()))
+            .flat_map(|s| s.endpoints.iter().map(|e| (*e.record).clone()))
             .collect();
         if let Err(e) = write_state_file(&path, &records) {
             tracing::warn!(path = %path.display(), error = %e, "could not persist routing table");

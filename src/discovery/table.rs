@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::balance::{EndpointState, RetryBudget};
+use crate::config::UpstreamPolicy;
+use crate::metrics::RequestMetrics;
 use crate::registry::EndpointRecord;
 
 /// One published routing table.
@@ -34,6 +36,9 @@ pub struct ServiceRoutes {
     pub name: Arc<str>,
     /// Endpoints, sorted by instance id for stable output.
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// The service's policy (`[[upstreams]]` over `[outbound]`), resolved
+    /// when the routes are built so a request never searches the config.
+    pub policy: Arc<UpstreamPolicy>,
     /// Round-robin cursor (resetting it on a table swap is harmless).
     pub rr: AtomicUsize,
     /// Long-lived per-service state (budget, concurrency), shared across
@@ -48,13 +53,15 @@ pub struct ServiceState {
     pub budget: RetryBudget,
     /// Requests in flight to this service (circuit breaker).
     pub in_flight: AtomicU64,
+    /// Its outbound request series, resolved once (see [`RequestMetrics`]).
+    pub requests: RequestMetrics,
 }
 
 /// One endpoint in a snapshot.
 #[derive(Debug)]
 pub struct Endpoint {
     /// The registry record.
-    pub record: EndpointRecord,
+    pub record: Arc<EndpointRecord>,
     /// Balancing weight (from the record).
     pub weight: u32,
     /// Whether the endpoint is in this sidecar's zone.

@@ -36,9 +36,17 @@ pin_project! {
 }
 
 /// An idle deadline that moves forward with every frame.
+///
+/// The timer is armed only when the body first has to wait, and moved only
+/// when it waits again after a frame: a small response that is complete
+/// whenever it is polled (most of them) never allocates a timer or touches
+/// the timer wheel (callgrind: the timer's allocation, registration and drop
+/// cost the calling sidecar ~0.4k instructions per response; bench/README.md).
 struct Idle {
     after: std::time::Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame arrived since the timer was last set.
+    moved: bool,
 }
 
 /// The error a body yields when it idles out.
@@ -95,7 +103,8 @@ impl Body {
         if !self.is_end_stream_hint() {
             self.idle = Some(Idle {
                 after,
-                timer: Box::pin(tokio::time::sleep(after)),
+                timer: None,
+                moved: false,
             });
         }
         self
@@ -166,17 +175,29 @@ impl http_body::Body for Body {
             },
         };
         let res = match (res, this.idle.as_mut()) {
-            (Poll::Pending, Some(idle)) => match idle.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let after = idle.after;
-                    *this.idle = None;
-                    Poll::Ready(Some(Err(IdleTimeout(after).into())))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-            (Poll::Ready(Some(Ok(frame))), Some(idle)) => {
+            (Poll::Pending, Some(idle)) => {
                 let next = tokio::time::Instant::now() + idle.after;
-                idle.timer.as_mut().reset(next);
+                let timer = match &mut idle.timer {
+                    Some(t) => {
+                        if idle.moved {
+                            t.as_mut().reset(next);
+                        }
+                        t
+                    }
+                    None => idle.timer.insert(Box::pin(tokio::time::sleep_until(next))),
+                };
+                idle.moved = false;
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        let after = idle.after;
+                        *this.idle = None;
+                        Poll::Ready(Some(Err(IdleTimeout(after).into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            (Poll::Ready(Some(Ok(frame))), Some(idle)) => {
+                idle.moved = true;
                 Poll::Ready(Some(Ok(frame)))
             }
             (res, _) => res,

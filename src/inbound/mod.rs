@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -26,7 +27,7 @@ use crate::config::Config;
 use crate::http::error::respond;
 use crate::http::headers::{self, CALLER, ORIG_PROTO};
 use crate::http::{Body, ProxyError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestMetrics};
 use crate::outbound::error_chain;
 use crate::tls::{PeerIdentity, Tls};
 
@@ -49,12 +50,17 @@ pub enum Direction {
 /// Shared state of the inbound and ingress listeners.
 pub struct Inbound {
     local: String,
+    /// `local`, parsed once: every relayed request's URI points there.
+    /// `None` if the address is not a valid authority (then every request
+    /// fails with a clear error rather than the sidecar refusing to start).
+    local_authority: Option<Authority>,
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
-    metrics: Arc<Metrics>,
-    service: Arc<str>,
     /// mTLS: who may call (`tls.allow`); `None` for a plaintext mesh.
     tls: Option<Arc<Tls>>,
+    /// Request series of the inbound and ingress listeners, resolved once.
+    inbound_requests: RequestMetrics,
+    ingress_requests: RequestMetrics,
 }
 
 // === impl Inbound ===
@@ -77,13 +83,15 @@ impl Inbound {
             .timer(TokioTimer::new())
             .set_host(false)
             .build(connector);
+        let service: Arc<str> = config.service.name.as_str().into();
         Inbound {
             local: config.service.address.clone(),
+            local_authority: Authority::try_from(config.service.address.as_str()).ok(),
             http1,
             http2,
-            metrics,
-            service: config.service.name.as_str().into(),
             tls,
+            inbound_requests: metrics.request_metrics("inbound", &service),
+            ingress_requests: metrics.request_metrics("ingress", &service),
         }
     }
 
@@ -95,9 +103,9 @@ impl Inbound {
         direction: Direction,
     ) -> Response<Body> {
         let start = Instant::now();
-        let label = match direction {
-            Direction::Inbound => "inbound",
-            Direction::Ingress => "ingress",
+        let (label, requests) = match direction {
+            Direction::Inbound => ("inbound", &self.inbound_requests),
+            Direction::Ingress => ("ingress", &self.ingress_requests),
         };
         if direction == Direction::Ingress {
             // Outside the mesh: identity and forwarding claims are spoofable.
@@ -108,12 +116,7 @@ impl Inbound {
         if direction == Direction::Inbound {
             if let Err(e) = self.authorize(&mut req) {
                 let res = respond(&e, &request_id, label);
-                self.metrics.record_request(
-                    label,
-                    &self.service,
-                    res.status().as_u16(),
-                    start.elapsed(),
-                );
+                requests.record(res.status().as_u16(), start.elapsed());
                 return res;
             }
         }
@@ -121,8 +124,7 @@ impl Inbound {
             Ok(r) => r,
             Err(e) => respond(&e, &request_id, label),
         };
-        self.metrics
-            .record_request(label, &self.service, res.status().as_u16(), start.elapsed());
+        requests.record(res.status().as_u16(), start.elapsed());
         res
     }
 
@@ -170,26 +172,32 @@ impl Inbound {
         let pq = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
         if let Some(client_upgrade) = client_upgrade {
-            parts.uri = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+            parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
             return self
                 .relay_upgrade(parts, body, client_upgrade, request_id)
                 .await;
         }
 
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(self.local.as_str())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| ProxyError::LocalUpstream {
-                address: self.local.clone(),
-                message: format!("bad request target: {e}"),
-            })?;
+        // Assembled from parsed parts (the path shared, the authority parsed
+        // at start-up), not re-parsed from text for every request.
+        let bad_target = |message: String| ProxyError::LocalUpstream {
+            address: self.local.clone(),
+            message: format!("bad request target: {message}"),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(
+            self.local_authority
+                .clone()
+                .ok_or_else(|| bad_target("the service address is not host:port".into()))?,
+        );
+        uri.path_and_query = Some(pq);
+        parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
         let client = if wants_h1 {
             parts.version = Version::HTTP_11;
             &self.http1

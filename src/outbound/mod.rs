@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -33,8 +34,8 @@ use crate::discovery::{ServiceRoutes, Table};
 use crate::http::error::respond;
 use crate::http::headers::{self, CALLER, ORIG_PROTO};
 use crate::http::{Body, ProxyError};
-use crate::metrics::Metrics;
-use retry::ReqBody;
+use crate::metrics::{Metrics, RequestMetrics};
+use retry::{ReqBody, Tried};
 
 /// Label used for requests to services not in the table, so a caller
 /// inventing host names cannot blow up metric cardinality.
@@ -47,7 +48,8 @@ pub struct Outbound {
     metrics: Arc<Metrics>,
     /// `x-outrigger-caller` value: our own service name.
     caller: HeaderValue,
-    unknown_label: Arc<str>,
+    /// Request series of requests that named no known service.
+    unknown: RequestMetrics,
 }
 
 /// Counts a request against its service's concurrency limit until dropped.
@@ -77,12 +79,13 @@ impl Outbound {
     pub fn new(table: Arc<ArcSwap<Table>>, config: Arc<Config>, metrics: Arc<Metrics>) -> Self {
         let caller = HeaderValue::from_str(&config.service.name)
             .unwrap_or(HeaderValue::from_static("unknown"));
+        let unknown = metrics.request_metrics("outbound", &UNKNOWN_SERVICE_LABEL.into());
         Outbound {
             table,
             config,
             metrics,
             caller,
-            unknown_label: UNKNOWN_SERVICE_LABEL.into(),
+            unknown,
         }
     }
 
@@ -98,43 +101,38 @@ impl Outbound {
         let mut req = req;
         let request_id = headers::ensure_request_id(req.headers_mut());
 
-        // 1. target
-        let service: Arc<str> = match fixed {
-            Some(s) => s,
-            None => match route::target_service(&req, &self.config.outbound.mesh_domain) {
-                Ok(s) => s.into(),
-                Err(e) => {
-                    return self.finish(
-                        respond(&e, &request_id, "outbound"),
-                        &self.unknown_label,
-                        start,
-                    )
+        // 1. target and 2. lookup: one `ArcSwap` load (no reference count
+        // taken on the table), keeping only this service's routes.
+        let found = {
+            let table = self.table.load();
+            match &fixed {
+                Some(s) => table
+                    .get(s)
+                    .cloned()
+                    .ok_or_else(|| ProxyError::UnknownService(s.to_string())),
+                None => route::lookup(&table, &req, &self.config.outbound.mesh_domain).cloned(),
+            }
+        };
+        let routes = match found {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, ProxyError::UnknownService(_)) {
+                    self.metrics.unknown_service.inc();
                 }
-            },
+                let res = respond(&e, &request_id, "outbound");
+                self.unknown.record(res.status().as_u16(), start.elapsed());
+                return res;
+            }
         };
-        // 2. lookup
-        let table = self.table.load_full();
-        let Some(routes) = table.get(&service).cloned() else {
-            self.metrics.unknown_service.inc();
-            let e = ProxyError::UnknownService(service.to_string());
-            return self.finish(
-                respond(&e, &request_id, "outbound"),
-                &self.unknown_label,
-                start,
-            );
-        };
-        let label = routes.name.clone();
         let res = self.relay(req, remote, &routes, &request_id, start).await;
         let res = match res {
             Ok(r) => r,
             Err(e) => respond(&e, &request_id, "outbound"),
         };
-        self.finish(res, &label, start)
-    }
-
-    fn finish(&self, res: Response<Body>, service: &Arc<str>, start: Instant) -> Response<Body> {
-        self.metrics
-            .record_request("outbound", service, res.status().as_u16(), start.elapsed());
+        routes
+            .shared
+            .requests
+            .record(res.status().as_u16(), start.elapsed());
         res
     }
 
@@ -146,7 +144,7 @@ impl Outbound {
         request_id: &HeaderValue,
         start: Instant,
     ) -> Result<Response<Body>, ProxyError> {
-        let policy = self.config.policy_for(&routes.name);
+        let policy: &UpstreamPolicy = &routes.policy;
         let service = &routes.name;
 
         // Circuit breaker for the whole upstream.
@@ -174,7 +172,6 @@ impl Outbound {
                 .headers
                 .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         }
-        let authority = authority_of(&parts, service);
         let deadline = start + policy.timeout;
 
         if let Some(client_upgrade) = client_upgrade {
@@ -183,7 +180,7 @@ impl Outbound {
                 .await;
         }
 
-        parts.uri = absolute_uri(&parts.uri, &authority)?;
+        parts.uri = absolute_uri(&parts, service)?;
         parts.version = Version::HTTP_2;
         // Over HTTP/2 the authority travels as :authority.
         parts.headers.remove(http::header::HOST);
@@ -201,8 +198,19 @@ impl Outbound {
             Err(_) => return Err(self.timeout(service, policy)),
         };
 
+        // Whether a second try could ever need these parts again. When none
+        // can (one endpoint, no retries, a non-idempotent method or a
+        // streaming body), the first try takes them instead of a copy: the
+        // header map is the largest thing a request carries. A try refused
+        // before sending hands its request back, so it needs no copy either.
+        let replayable = idempotent
+            && matches!(body, ReqBody::Kept(_))
+            && policy.retries > 0
+            && routes.endpoints.len() > 1;
+        let mut parts = Some(parts);
+
         // 4. try loop
-        let mut tried: Vec<usize> = Vec::new();
+        let mut tried = Tried::default();
         let mut retries = 0u32;
         let mut pending: Option<Request<Body>> = None;
         let mut last_err: Option<ProxyError> = None;
@@ -214,25 +222,28 @@ impl Outbound {
             if now >= deadline {
                 return Err(self.timeout(service, policy));
             }
-            let pick = match balance::pick(&routes.endpoints, policy, &routes.rr, &tried, now) {
-                Ok(p) => p,
-                Err(PickError::NoEndpoints) => {
-                    return Err(ProxyError::NoEndpoints(service.to_string()))
-                }
-                Err(PickError::Overloaded) => {
-                    self.metrics
-                        .overloaded
-                        .get_or_create(&Metrics::service(service))
-                        .inc();
-                    return Err(last_err.unwrap_or(ProxyError::Overloaded(service.to_string())));
-                }
-                Err(PickError::Exhausted) => {
-                    if let Some(res) = last_response {
-                        return Ok(res);
+            let pick =
+                match balance::pick(&routes.endpoints, policy, &routes.rr, tried.as_slice(), now) {
+                    Ok(p) => p,
+                    Err(PickError::NoEndpoints) => {
+                        return Err(ProxyError::NoEndpoints(service.to_string()))
                     }
-                    return Err(last_err.unwrap_or(ProxyError::NoEndpoints(service.to_string())));
-                }
-            };
+                    Err(PickError::Overloaded) => {
+                        self.metrics
+                            .overloaded
+                            .get_or_create(&Metrics::service(service))
+                            .inc();
+                        return Err(last_err.unwrap_or(ProxyError::Overloaded(service.to_string())));
+                    }
+                    Err(PickError::Exhausted) => {
+                        if let Some(res) = last_response {
+                            return Ok(res);
+                        }
+                        return Err(
+                            last_err.unwrap_or(ProxyError::NoEndpoints(service.to_string()))
+                        );
+                    }
+                };
             if pick.panic {
                 self.metrics
                     .panic_routing
@@ -263,9 +274,10 @@ impl Outbound {
 
             let request = match pending.take() {
                 Some(r) => r,
-                None => match build_try(&parts, &mut body) {
+                None => match build_try(&mut parts, &mut body, replayable) {
                     Some(r) => r,
-                    // A streaming body already went out: cannot resend.
+                    // The body (or the only copy of the parts) already
+                    // went out: cannot resend.
                     None => {
                         return Err(last_err.unwrap_or(ProxyError::NoEndpoints(service.to_string())))
                     }
@@ -497,37 +509,54 @@ impl Outbound {
     }
 }
 
-/// The authority to forward with: the absolute URI's, else the Host
-/// header's, else the service name.
-fn authority_of(parts: &http::request::Parts, service: &str) -> String {
-    if let Some(a) = parts.uri.authority() {
-        return a.as_str().to_owned();
-    }
-    parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_else(|| service.to_owned())
+/// The URI to send over HTTP/2: `http://` + the authority to forward with
+/// (the absolute URI's, else the Host header's, else the service name) +
+/// the original path. Assembled from parsed parts: the path is shared, not
+/// re-parsed, and only a Host header is parsed as an authority.
+fn absolute_uri(parts: &http::request::Parts, service: &str) -> Result<Uri, ProxyError> {
+    let authority = match parts.uri.authority() {
+        Some(a) => a.clone(),
+        None => {
+            let raw = match parts.headers.get(http::header::HOST) {
+                Some(h) => h.as_bytes(),
+                None => service.as_bytes(),
+            };
+            Authority::try_from(raw)
+                .map_err(|_| ProxyError::BadTarget(String::from_utf8_lossy(raw).into_owned()))?
+        }
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let text = authority.as_str().to_owned();
+    uri.authority = Some(authority);
+    Uri::from_parts(uri).map_err(|_| ProxyError::BadTarget(text))
 }
 
-fn absolute_uri(uri: &Uri, authority: &str) -> Result<Uri, ProxyError> {
-    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|_| ProxyError::BadTarget(authority.to_owned()))
-}
-
-/// Build the request for one try, or `None` if the body cannot be resent.
-fn build_try(parts: &http::request::Parts, body: &mut ReqBody) -> Option<Request<Body>> {
+/// Build the request for one try, or `None` if it cannot be sent (again).
+/// `keep` copies the parts, for a request that may be tried again;
+/// otherwise the first try takes them.
+fn build_try(
+    parts: &mut Option<http::request::Parts>,
+    body: &mut ReqBody,
+    keep: bool,
+) -> Option<Request<Body>> {
+    let head = if keep {
+        clone_parts(parts.as_ref()?)
+    } else {
+        parts.take()?
+    };
     let body = match body {
         ReqBody::Kept(b) => Body::full(b.clone()),
         ReqBody::Stream(s) => Body::incoming(s.take()?),
     };
-    Some(Request::from_parts(clone_parts(parts), body))
+    Some(Request::from_parts(head, body))
 }
 
 fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {

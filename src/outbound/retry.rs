@@ -25,6 +25,56 @@ pub enum ReqBody {
     Stream(Option<Incoming>),
 }
 
+/// Endpoints a request has tried, by index. Nearly every request tries one
+/// or two, so they live inline; a heap list only exists for a request that
+/// tries more than [`Tried::INLINE`] (a long run of connect failures).
+#[derive(Debug, Default)]
+pub struct Tried {
+    inline: [usize; Tried::INLINE],
+    len: usize,
+    spill: Vec<usize>,
+}
+
+// === impl Tried ===
+
+impl Tried {
+    /// Tries kept without allocating: the first try and the default two
+    /// retries, plus one connect failure.
+    const INLINE: usize = 4;
+
+    /// Record a try of endpoint `index`.
+    pub fn push(&mut self, index: usize) {
+        if self.len < Self::INLINE {
+            self.inline[self.len] = index;
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.inline);
+            }
+            self.spill.push(index);
+        }
+        self.len += 1;
+    }
+
+    /// The endpoints tried so far, in order.
+    pub fn as_slice(&self) -> &[usize] {
+        if self.len <= Self::INLINE {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    /// How many tries so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was tried yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Whether the method (or an idempotency key) makes a resend safe.
 pub fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
     matches!(
@@ -72,6 +122,17 @@ mod tests {
         let mut k = HeaderMap::new();
         k.insert(IDEMPOTENCY_KEY, "abc".parse().unwrap());
         assert!(is_idempotent(&Method::POST, &k));
+    }
+
+    #[test]
+    fn tried_keeps_every_index_past_the_inline_ones() {
+        let mut t = Tried::default();
+        assert!(t.is_empty());
+        for i in 0..7 {
+            t.push(i * 10);
+            assert_eq!(t.len(), i + 1);
+        }
+        assert_eq!(t.as_slice(), &[0, 10, 20, 30, 40, 50, 60]);
     }
 
     #[test]

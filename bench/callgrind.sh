@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Instructions per request of each sidecar on the two-hop mesh path, counted by
+# valgrind's callgrind: a repeatable figure on a busy or noisy machine, where
+# wall-clock throughput swings by tens of percent (see bench/README.md).
+#
+#   h2load --h1 ─▶ A ([[upstreams]] local_port) ══h2c══▶ B (inbound) ──h1──▶ upstream
+#
+# Both sidecars run under callgrind with the full feature set (routing table,
+# P2C-EWMA, retries, metrics). After a warm-up the counters are zeroed, exactly
+# REQUESTS requests are sent, and the counters are dumped: Ir / REQUESTS is the
+# per-request cost of each hop, start-up and connection set-up excluded.
+#
+# usage: cargo build --release && bench/callgrind.sh
+# env:   OUTRIGGER_BIN (default target/release/outrigger), REQUESTS (5000),
+#        CONNS (16), PROTO (h1 | h2: the client speaks h2c to A), OUT_DIR,
+#        UPSTREAM_BIN (built like bench/run.sh does if missing)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${OUTRIGGER_BENCH_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/outrigger-bench}"
+OUTRIGGER_BIN="${OUTRIGGER_BIN:-$ROOT/target/release/outrigger}"
+UPSTREAM_SRC="${UPSTREAM_SRC:-$ROOT/../shared/bench/upstream}"
+UPSTREAM_BIN="${UPSTREAM_BIN:-$STATE/upstream-target/release/bench-upstream}"
+REQUESTS="${REQUESTS:-5000}"
+CONNS="${CONNS:-16}"
+PROTO="${PROTO:-h1}"
+BASE="${BASE_PORT:-23000}"
+OUT_DIR="${OUT_DIR:-$(mktemp -d /tmp/outrigger-callgrind.XXXXXX)}"
+
+say() { echo "[callgrind] $*" >&2; }
+die() { echo "[callgrind] ERROR: $*" >&2; exit 1; }
+
+for tool in valgrind callgrind_control h2load curl; do
+  command -v "$tool" >/dev/null || die "$tool missing: apt-get install valgrind nghttp2-client curl"
+done
+[ -x "$OUTRIGGER_BIN" ] || die "no binary at $OUTRIGGER_BIN: cargo build --release"
+if [ ! -x "$UPSTREAM_BIN" ]; then
+  say "building the upstream into $STATE/upstream-target"
+  cargo build --quiet --release --locked --manifest-path "$UPSTREAM_SRC/Cargo.toml" \
+    --target-dir "$STATE/upstream-target" >&2
+fi
+
+UP=$BASE A=$((BASE + 1)) B=$((BASE + 2))
+mkdir -p "$OUT_DIR"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+"$UPSTREAM_BIN" "$UP" >"$OUT_DIR/upstream.log" 2>&1 &
+pids+=($!)
+
+cat >"$OUT_DIR/b.toml" <<TOML
+[service]
+name = "bench"
+address = "127.0.0.1:$UP"
+[listeners]
+outbound = "127.0.0.1:$((BASE + 3))"
+inbound = "127.0.0.1:$B"
+admin = "127.0.0.1:$((BASE + 4))"
+[runtime]
+worker_threads = 1
+[registry]
+kind = "static"
+file = "$OUT_DIR/b-endpoints.toml"
+TOML
+: >"$OUT_DIR/b-endpoints.toml"
+cat >"$OUT_DIR/a-endpoints.toml" <<TOML
+[[endpoints]]
+service = "bench"
+address = "127.0.0.1:$B"
+instance = "bench-b"
+TOML
+cat >"$OUT_DIR/a.toml" <<TOML
+[service]
+name = "bench-a"
+address = "127.0.0.1:$UP"
+[listeners]
+outbound = "127.0.0.1:$((BASE + 5))"
+inbound = "127.0.0.1:$((BASE + 6))"
+admin = "127.0.0.1:$((BASE + 7))"
+[runtime]
+worker_threads = 1
+[registry]
+kind = "static"
+file = "$OUT_DIR/a-endpoints.toml"
+[[upstreams]]
+name = "bench"
+local_port = $A
+TOML
+
+for hop in a b; do
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT_DIR/$hop.%p.out" \
+    "$OUTRIGGER_BIN" run --config "$OUT_DIR/$hop.toml" >"$OUT_DIR/$hop.log" 2>&1 &
+  pids+=($!)
+  eval "PID_$hop=$!"
+done
+
+for _ in $(seq 1 300); do
+  body="$(curl -s -m 5 "http://127.0.0.1:$A/" || true)"
+  case "$body" in *'"ok":true'*) break ;; esac
+  sleep 0.2
+done
+case "$body" in *'"ok":true'*) ;; *) cat "$OUT_DIR"/*.log >&2; die "chain did not come up: $body" ;; esac
+
+h2args=(-c "$CONNS" -m 1)
+[ "$PROTO" = h1 ] && h2args+=(--h1)
+say "warm-up"
+h2load "${h2args[@]}" -n 500 "http://127.0.0.1:$A/" >/dev/null
+for hop in a b; do callgrind_control -z "$(eval echo "\$PID_$hop")" >/dev/null; done
+say "measuring $REQUESTS requests ($PROTO, $CONNS connections)"
+h2load "${h2args[@]}" -n "$REQUESTS" "http://127.0.0.1:$A/" >"$OUT_DIR/h2load.txt"
+grep -q "succeeded, 0 failed, 0 errored" "$OUT_DIR/h2load.txt" ||
+  grep -q "$REQUESTS succeeded" "$OUT_DIR/h2load.txt" ||
+  { cat "$OUT_DIR/h2load.txt" >&2; die "not every request succeeded"; }
+for hop in a b; do callgrind_control -d "$(eval echo "\$PID_$hop")" >/dev/null; done
+sleep 1
+
+total=0
+for hop in a b; do
+  pid="$(eval echo "\$PID_$hop")"
+  # The dump after the zeroing is the one with the highest part number.
+  dump="$(ls -1v "$OUT_DIR/$hop.$pid.out".* 2>/dev/null | tail -n 1)"
+  [ -n "$dump" ] || die "no callgrind dump for hop $hop"
+  ir="$(awk '/^summary:/ {print $2}' "$dump")"
+  per=$((ir / REQUESTS))
+  total=$((total + per))
+  printf '%s\t%s\tIr/request\t%s\n' "$hop" "$per" "$dump"
+done
+printf 'both\t%s\tIr/request\n' "$total"
+say "dumps in $OUT_DIR (callgrind_annotate --inclusive=yes FILE | head -60)"
