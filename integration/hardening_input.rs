@@ -13,6 +13,7 @@ use crate::support::client::{self, empty};
 use crate::support::guarded_mesh::{GuardedMesh, MeshOptions};
 use crate::support::procfs::{self, PeakSampler};
 use crate::support::raw::{self, exchange};
+use crate::support::recording;
 use crate::support::{exclusive, shared, wait_until, LoadGen};
 
 /// How long a raw exchange waits for the sidecar to answer and close.
@@ -533,4 +534,221 @@ async fn spoofed_forwarding_and_mesh_headers_from_outside_are_dropped_at_ingress
         seen.all("x-forwarded-for").join(", "),
         "203.0.113.66, 10.0.0.1, 127.0.0.1"
     );
+}
+
+/// The idle-connection timeout the idle tests configure.
+const IDLE: Duration = Duration::from_secs(1);
+
+fn mesh_idle() -> MeshOptions {
+    MeshOptions {
+        ingress: true,
+        ..mesh_b("[limits]\nidle_connection_timeout = \"1s\"\n")
+    }
+}
+
+/// Reads one HTTP/1 response to a recording upstream's JSON route (head,
+/// then a body ending in `}`); panics on EOF or after [`EXCHANGE_WAIT`].
+async fn read_json_response(s: &mut TcpStream, what: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + EXCHANGE_WAIT;
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        if text.contains("\r\n\r\n") && text.ends_with('}') {
+            return text.into_owned();
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!("{what}: no complete response ({other:?}): {text:?}"),
+        }
+    }
+}
+
+/// How long after now `s` is closed by the server (EOF or reset); panics if
+/// it sends anything or is still open after `give_up`.
+async fn closed_after(s: &mut TcpStream, give_up: Duration, what: &str) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(give_up, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => start.elapsed(),
+        Ok(Ok(n)) => panic!(
+            "{what}: unexpected bytes on an idle connection: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => panic!("{what}: idle connection still open after {give_up:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http1_keepalive_connections_close_after_the_idle_timeout() {
+    let _shared = shared().await;
+    let mesh = GuardedMesh::start(mesh_idle()).await;
+    let b = mesh.peer("b");
+    let ingress = b.ingress.expect("b has an ingress listener");
+    for (listener, addr) in [
+        ("outbound", mesh.outbound()),
+        ("inbound", b.inbound()),
+        ("ingress", ingress),
+    ] {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /idle-h1-1 HTTP/1.1\r\nHost: b\r\n\r\n")
+            .await
+            .expect("write");
+        let res = read_json_response(&mut s, listener).await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{listener}: {res}");
+        // A request within the timeout is served on the same connection,
+        // and restarts the clock.
+        tokio::time::sleep(IDLE * 7 / 10).await;
+        s.write_all(b"GET /idle-h1-2 HTTP/1.1\r\nHost: b\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{listener}: closed before the timeout: {e}"));
+        let res = read_json_response(&mut s, listener).await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{listener}: {res}");
+        let lived = closed_after(&mut s, IDLE + Duration::from_secs(4), listener).await;
+        println!("{listener}: idle HTTP/1.1 connection closed after {lived:?}");
+        assert!(
+            lived >= IDLE - Duration::from_millis(200),
+            "{listener}: closed {lived:?} after the last response, before the idle timeout"
+        );
+    }
+}
+
+/// Answers `frame` as a client must (SETTINGS and PING acks); `true` once
+/// the server has closed.
+async fn h2_client_reply(conn: &mut raw::H2Conn, f: &raw::Frame) -> bool {
+    if f.kind == raw::kind::SETTINGS && f.flags & raw::ACK == 0 {
+        return !conn
+            .send(&raw::frame(raw::kind::SETTINGS, raw::ACK, 0, &[]))
+            .await;
+    }
+    if f.kind == raw::kind::PING && f.flags & raw::ACK == 0 {
+        return !conn
+            .send(&raw::frame(raw::kind::PING, raw::ACK, 0, &f.payload))
+            .await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2c_connections_get_goaway_even_while_pings_flow() {
+    let _shared = shared().await;
+    let mesh = GuardedMesh::start(mesh_idle()).await;
+    let b = mesh.peer("b");
+    let ingress = b.ingress.expect("b has an ingress listener");
+    for (listener, addr) in [
+        ("outbound", mesh.outbound()),
+        ("inbound", b.inbound()),
+        ("ingress", ingress),
+    ] {
+        let mut conn = raw::H2Conn::connect(addr).await;
+        let block = raw::request_block("GET", "b", "/idle-h2");
+        assert!(
+            conn.send(&raw::frame(
+                raw::kind::HEADERS,
+                raw::END_HEADERS | raw::END_STREAM,
+                1,
+                &block
+            ))
+            .await
+        );
+        // The response, to its END_STREAM.
+        loop {
+            let f = raw::read_frame(&mut conn.rx, EXCHANGE_WAIT)
+                .await
+                .unwrap_or_else(|| panic!("{listener}: no complete h2 response"));
+            assert!(!h2_client_reply(&mut conn, &f).await, "{listener}: closed");
+            assert_ne!(f.kind, raw::kind::GOAWAY, "{listener}: early GOAWAY");
+            if f.stream == 1 && f.flags & raw::END_STREAM != 0 {
+                break;
+            }
+        }
+        // Idle, but never silent: a PING every 200 ms, each answered.
+        let start = Instant::now();
+        let mut pongs = 0;
+        let mut goaway = None;
+        let mut next_ping = start;
+        let lived = loop {
+            if start.elapsed() > IDLE + Duration::from_secs(4) {
+                panic!(
+                    "{listener}: idle h2c connection open after {:?}",
+                    start.elapsed()
+                );
+            }
+            if goaway.is_none() && Instant::now() >= next_ping {
+                next_ping += Duration::from_millis(200);
+                let ping = raw::frame(raw::kind::PING, 0, 0, b"idletest");
+                if !conn.send(&ping).await {
+                    break start.elapsed();
+                }
+            }
+            match raw::read_frame(&mut conn.rx, Duration::from_millis(50)).await {
+                Some(f) => {
+                    if f.kind == raw::kind::PING && f.flags & raw::ACK != 0 {
+                        pongs += 1;
+                    }
+                    if f.kind == raw::kind::GOAWAY && goaway.is_none() {
+                        goaway = Some((start.elapsed(), f.error_code()));
+                    }
+                    if h2_client_reply(&mut conn, &f).await {
+                        break start.elapsed();
+                    }
+                }
+                // EOF, or just a quiet 50 ms: tell them apart by peeking.
+                None => {
+                    let mut probe = [0u8; 1];
+                    match tokio::time::timeout(Duration::from_millis(1), conn.rx.peek(&mut probe))
+                        .await
+                    {
+                        Ok(Ok(0)) | Ok(Err(_)) => break start.elapsed(),
+                        _ => {}
+                    }
+                }
+            }
+        };
+        let (goaway_at, code) =
+            goaway.unwrap_or_else(|| panic!("{listener}: closed without GOAWAY"));
+        println!(
+            "{listener}: idle h2c connection got GOAWAY after {goaway_at:?}, \
+             closed after {lived:?}, {pongs} PINGs answered"
+        );
+        assert_eq!(code, Some(0), "{listener}: GOAWAY is NO_ERROR");
+        assert!(pongs >= 3, "{listener}: only {pongs} PINGs answered");
+        assert!(
+            goaway_at >= IDLE - Duration::from_millis(200),
+            "{listener}: GOAWAY {goaway_at:?} after the response, before the idle timeout"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_streaming_longer_than_the_idle_timeout_is_delivered_whole() {
+    let _shared = shared().await;
+    let mesh = GuardedMesh::start(mesh_idle()).await;
+    let ingress = mesh.peer("b").ingress.expect("b has an ingress listener");
+    // 11 chunks 300 ms apart: 3 s of streaming, the client's and the
+    // sidecar-to-sidecar connection idle in between every chunk.
+    const CHUNKS: u64 = 11;
+    let expected: String = (0..CHUNKS).map(recording::drip_chunk).collect();
+    let uri = format!("http://b/drip?chunks={CHUNKS}&every_ms=300");
+    for (listener, addr) in [("outbound", mesh.outbound()), ("ingress", ingress)] {
+        let start = Instant::now();
+        let res = client::request(addr, client::get(&uri)).await;
+        assert_eq!(res.status(), 200, "{listener} HTTP/1.1");
+        assert_eq!(
+            String::from_utf8_lossy(res.body()),
+            expected,
+            "{listener} HTTP/1.1"
+        );
+        assert!(
+            start.elapsed() >= Duration::from_secs(3),
+            "not streamed slowly"
+        );
+        let res = client::request_h2(addr, client::get(&uri)).await;
+        assert_eq!(res.status(), 200, "{listener} h2c");
+        assert_eq!(
+            String::from_utf8_lossy(res.body()),
+            expected,
+            "{listener} h2c"
+        );
+    }
 }

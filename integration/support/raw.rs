@@ -68,6 +68,8 @@ pub mod kind {
     pub const RST_STREAM: u8 = 0x3;
     /// SETTINGS
     pub const SETTINGS: u8 = 0x4;
+    /// PING
+    pub const PING: u8 = 0x6;
     /// GOAWAY
     pub const GOAWAY: u8 = 0x7;
     /// CONTINUATION

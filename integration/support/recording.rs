@@ -13,6 +13,7 @@
 //! | `/healthz` | 200; not recorded |
 //! | `/sink` | reads the body streaming; JSON `{"bytes": n, "fnv": "<hex>"}` |
 //! | `/source?bytes=N` | N bytes of [`pattern_chunk`] data, streamed in 64 KiB chunks |
+//! | `/drip?chunks=N&every_ms=M` | N chunks `drip-<i>\n`, one every M ms (the first at once) |
 //! | anything else | reads the body; JSON `{name, method, path, body_len}` |
 //!
 //! Everything but `/healthz` waits [`RecordingUpstream::set_delay`] first.
@@ -241,6 +242,25 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ResBody> 
             *res.status_mut() = status;
             res
         }
+        "/drip" => {
+            let param = |name: &str| -> u64 {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            let every = Duration::from_millis(param("every_ms"));
+            let chunks = futures_util::stream::iter(0..param("chunks")).then(move |i| async move {
+                if i > 0 {
+                    tokio::time::sleep(every).await;
+                }
+                Ok::<_, BoxError>(Frame::data(Bytes::from(drip_chunk(i))))
+            });
+            let mut res = Response::new(StreamBody::new(chunks).boxed_unsync());
+            *res.status_mut() = status;
+            res
+        }
         _ => text(
             status,
             format!(
@@ -259,6 +279,11 @@ fn text(status: StatusCode, body: String) -> Response<ResBody> {
     );
     *res.status_mut() = status;
     res
+}
+
+/// The `index`th chunk of a `/drip` response.
+pub fn drip_chunk(index: u64) -> String {
+    format!("drip-{index}\n")
 }
 
 /// The `index`th 64 KiB chunk of the test data: a fixed pseudo-random

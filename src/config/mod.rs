@@ -269,7 +269,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/2 concurrent streams per connection.
     pub max_concurrent_streams: u32,
-    /// Idle keep-alive connections are closed after this.
+    /// A client connection with no request in flight for this long is
+    /// closed (HTTP/1) or sent GOAWAY (HTTP/2); see [`crate::http::server`].
     pub idle_connection_timeout: Duration,
 }
 

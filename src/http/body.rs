@@ -6,6 +6,9 @@
 //! A body can carry a [`crate::balance::LoadGuard`]: the endpoint's in-flight
 //! count covers the request until its response body ends (P2C load), and the
 //! guard reports the outcome when it drops.
+//! A response body can also carry its connection's [`InFlight`] token: the
+//! request counts against the idle-connection timeout until its response
+//! body ends or is dropped, so a long stream is never closed as idle.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +19,7 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
+use super::conn_guard::InFlight;
 use crate::balance::LoadGuard;
 
 /// Errors a relayed body can yield.
@@ -32,6 +36,8 @@ pin_project! {
         // responses are exempt from the overall timeout, but a stream that
         // went silent must not hold its endpoint's load forever.
         idle: Option<Idle>,
+        // Held until the body ends or is dropped; see the module docs.
+        in_flight: Option<InFlight>,
     }
 }
 
@@ -72,6 +78,7 @@ impl Body {
             kind: Kind::Empty,
             guard: None,
             idle: None,
+            in_flight: None,
         }
     }
 
@@ -86,6 +93,7 @@ impl Body {
             },
             guard: None,
             idle: None,
+            in_flight: None,
         }
     }
 
@@ -95,6 +103,7 @@ impl Body {
             kind: Kind::Incoming { inner },
             guard: None,
             idle: None,
+            in_flight: None,
         }
     }
 
@@ -119,6 +128,17 @@ impl Body {
         } else {
             self.guard = Some(guard);
         }
+        self
+    }
+
+    /// Count the request as in flight on its client connection until this
+    /// (response) body ends or is dropped.
+    pub fn with_in_flight(mut self, in_flight: InFlight) -> Self {
+        if !self.is_end_stream_hint() {
+            self.in_flight = Some(in_flight);
+        }
+        // else: nothing left to send once the head is written; dropping the
+        // token now starts the idle clock.
         self
     }
 
@@ -205,11 +225,13 @@ impl http_body::Body for Body {
         match &res {
             Poll::Ready(None) => {
                 this.guard.take();
+                this.in_flight.take();
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(g) = this.guard.take() {
                     g.body_failed();
                 }
+                this.in_flight.take();
             }
             _ => {}
         }

@@ -11,8 +11,16 @@
 //!   stream and marks the connection when a request head could be framed
 //!   two ways (request smuggling); the server refuses every request on a
 //!   marked connection.
+//! - **Idle connections.** The service counts the requests in flight with
+//!   [`ConnGuard::request_in_flight`]; a request stays in flight until its
+//!   response body has been sent completely or dropped (the [`InFlight`]
+//!   token rides in the response [`super::Body`]). [`ConnGuard::idle`]
+//!   resolves once nothing has been in flight for the idle timeout, and the
+//!   server then shuts the connection down gracefully. Bytes alone (HTTP/2
+//!   PING/PONG, WINDOW_UPDATE) are not activity: a client that only answers
+//!   our keepalive pings is idle.
 //!
-//! Both report through a [`ConnGuard`] shared with the connection's service.
+//! All report through a [`ConnGuard`] shared with the connection's service.
 
 use std::future::Future;
 use std::io;
@@ -23,11 +31,13 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use super::framing::{Ambiguity, Framing};
 
-/// What the byte-level guards tell the connection's service.
+/// What the byte-level guards tell the connection's service, and what the
+/// service tells the server about the connection's activity.
 #[derive(Debug, Default)]
 pub struct ConnGuard {
     /// Set by the service on its first request: the deadline is met.
@@ -35,6 +45,28 @@ pub struct ConnGuard {
     /// Set once by the framing tracker; never cleared, because the
     /// connection's framing can no longer be trusted.
     ambiguous: OnceLock<Ambiguity>,
+    /// Requests in flight and whether the connection was upgraded. A watch
+    /// channel rather than atomics: [`ConnGuard::idle`] runs in the
+    /// connection's task while the count drops in whichever task drops a
+    /// response body (an HTTP/2 stream's), so every change must wake it.
+    activity: watch::Sender<Activity>,
+}
+
+/// A connection's request activity, as [`ConnGuard::idle`] sees it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Activity {
+    /// Requests whose response has not been fully sent or dropped.
+    in_flight: usize,
+    /// A request switched protocols (101, or a successful CONNECT): the
+    /// connection carries opaque bytes now and is never closed as idle.
+    upgraded: bool,
+}
+
+/// One request in flight on a connection, from the service call until its
+/// response body is sent completely or dropped; see [`ConnGuard::idle`].
+#[derive(Debug)]
+pub struct InFlight {
+    guard: Arc<ConnGuard>,
 }
 
 /// A client connection with the guards applied to what it reads.
@@ -60,6 +92,68 @@ impl ConnGuard {
     /// Why this connection's HTTP/1 framing is ambiguous, if it is.
     pub fn ambiguous_framing(&self) -> Option<Ambiguity> {
         self.ambiguous.get().copied()
+    }
+
+    /// A request arrived (see [`ConnGuard::request_started`]); it counts
+    /// as in flight until the returned token is dropped.
+    pub fn request_in_flight(self: &Arc<Self>) -> InFlight {
+        self.request_started();
+        self.activity.send_modify(|a| a.in_flight += 1);
+        InFlight {
+            guard: self.clone(),
+        }
+    }
+
+    /// Resolves once no request has been in flight for `timeout` (counted
+    /// from the latest moment the count dropped to zero, or from now if it
+    /// is zero already); never, once the connection was upgraded.
+    pub async fn idle(&self, timeout: Duration) {
+        let mut rx = self.activity.subscribe();
+        loop {
+            // `wait_for` marks the state seen, so `changed` below fires on
+            // any later request start or end, which restarts the clock.
+            // The sender lives in `self`, which outlives this future, so
+            // neither call can fail; if one did, never calling the
+            // connection idle is the safe answer.
+            if rx
+                .wait_for(|a| a.in_flight == 0 && !a.upgraded)
+                .await
+                .is_err()
+            {
+                return std::future::pending().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {
+                    // A request may have started as the timer fired.
+                    if !rx.has_changed().unwrap_or(true) {
+                        return;
+                    }
+                }
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// === impl InFlight ===
+
+impl InFlight {
+    /// The request switched protocols: exempt the connection from the idle
+    /// timeout for good (the upgraded bytes bypass the request count).
+    pub fn upgraded(&self) {
+        self.guard.activity.send_modify(|a| a.upgraded = true);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.guard
+            .activity
+            .send_modify(|a| a.in_flight = a.in_flight.saturating_sub(1));
     }
 }
 
@@ -176,6 +270,34 @@ mod tests {
             "the rest of the head, then the new byte"
         );
         drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_runs_from_the_last_response_and_never_after_an_upgrade() {
+        let guard = Arc::new(ConnGuard::default());
+        let timeout = Duration::from_secs(10);
+        let start = tokio::time::Instant::now();
+        let first = guard.request_in_flight();
+        let second = guard.request_in_flight();
+        let g = guard.clone();
+        let idle = tokio::spawn(async move {
+            g.idle(timeout).await;
+            tokio::time::Instant::now()
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!idle.is_finished(), "idle with a request in flight");
+        // The count drops to zero from this task, not the idle one's.
+        drop(second);
+        let at = idle.await.unwrap();
+        assert_eq!(at - start, Duration::from_secs(70));
+
+        let upgrade = guard.request_in_flight();
+        upgrade.upgraded();
+        drop(upgrade);
+        let never = tokio::time::timeout(Duration::from_secs(3600), guard.idle(timeout)).await;
+        assert!(never.is_err(), "an upgraded connection is never idle");
     }
 
     #[tokio::test]

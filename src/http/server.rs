@@ -14,6 +14,14 @@
 //! whose framing is ambiguous (request smuggling) makes every request on
 //! that connection a 400 followed by a close.
 //!
+//! A connection with no request in flight for `idle_connection_timeout` is
+//! shut down gracefully, as on drain: HTTP/1 closes between requests,
+//! HTTP/2 gets GOAWAY. A request is in flight from the service call until
+//! its response body is fully sent or dropped, so a long stream or upload
+//! is never cut; bytes without a request (HTTP/2 PINGs answered to our
+//! keepalive) do not keep a connection open, and an upgraded connection
+//! (WebSocket, CONNECT) is exempt. See [`ConnGuard::idle`].
+//!
 //! A listener given a [`Tls`] (the inbound one, when `[tls]` is set)
 //! handshakes each connection in its own task before serving HTTP, and hands
 //! the caller's verified identity to the handler as a [`PeerIdentity`]
@@ -29,8 +37,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -151,7 +157,12 @@ pub async fn serve<H, F>(
 {
     let builder = Arc::new(builder(&limits));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Each connection's task holds a receiver; the drain waits for all of
+    // them to be dropped. (Connections learn of the drain from `shutdown`
+    // itself, in the same select as their idle timer, which hyper_util's
+    // `GracefulShutdown` cannot join: its watcher only wraps hyper's own
+    // connection types.)
+    let (open, _) = watch::channel(());
     let mut backoff = MIN_ACCEPT_BACKOFF;
     loop {
         let permit = tokio::select! {
@@ -181,12 +192,14 @@ pub async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let conn = Conn {
             builder: builder.clone(),
-            watcher: graceful.watcher(),
+            open: open.subscribe(),
+            drain: shutdown.clone(),
             name,
             remote,
             max_header_bytes: limits.max_header_bytes,
             max_headers: limits.max_headers,
             header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_connection_timeout,
         };
         let handler = handler.clone();
         let tls = tls.clone();
@@ -201,10 +214,10 @@ pub async fn serve<H, F>(
     drop(listener);
     tracing::debug!(
         listener = name,
-        open = graceful.count(),
+        open = open.receiver_count(),
         "listener closed; draining"
     );
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    if tokio::time::timeout(drain_timeout, open.closed())
         .await
         .is_err()
     {
@@ -218,12 +231,16 @@ pub async fn serve<H, F>(
 /// What one accepted connection needs to be served.
 struct Conn {
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: Watcher,
+    /// Held until the connection ends; the listener's drain waits for it.
+    open: watch::Receiver<()>,
+    /// Flips to `true` when the listener drains.
+    drain: watch::Receiver<bool>,
     name: &'static str,
     remote: SocketAddr,
     max_header_bytes: usize,
     max_headers: usize,
     header_read_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 // === impl Conn ===
@@ -240,17 +257,20 @@ impl Conn {
     {
         let Conn {
             builder,
-            watcher,
+            open,
+            mut drain,
             name,
             remote,
             max_header_bytes,
             max_headers,
             header_read_timeout,
+            idle_timeout,
         } = self;
         // The guard sits on the plaintext side of TLS: it must see the HTTP
         // bytes hyper parses, and its first-request deadline starts once the
         // handshake (bounded on its own) is done.
         let guard = Arc::new(ConnGuard::default());
+        let idle_guard = guard.clone();
         let io = GuardedIo::new(
             io,
             guard.clone(),
@@ -259,7 +279,10 @@ impl Conn {
             max_headers,
         );
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            guard.request_started();
+            // Dropped with the response body, or with this future if the
+            // client goes away (an HTTP/2 reset) before the response.
+            let in_flight = guard.request_in_flight();
+            let connect = req.method() == http::Method::CONNECT;
             // hyper bounds its read buffer, not the header block exactly;
             // the documented limit is enforced here, before any relaying.
             let size = header_block_size(&req);
@@ -282,16 +305,47 @@ impl Conn {
                 Some(err) => Err(err),
             };
             async move {
-                Ok::<_, Infallible>(match relay {
+                let res = match relay {
                     Ok(fut) => fut.await,
                     Err(err) => refuse(&err, version, name),
-                })
+                };
+                // Past a protocol switch the bytes no longer come as
+                // requests, so the request count says nothing about them.
+                if res.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                    || (connect && res.status().is_success())
+                {
+                    in_flight.upgraded();
+                }
+                Ok::<_, Infallible>(res.map(|body| body.with_in_flight(in_flight)))
             }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        if let Err(e) = watcher.watch(conn).await {
+        let mut conn = std::pin::pin!(conn);
+        let idle = idle_guard.idle(idle_timeout);
+        let mut idle = std::pin::pin!(idle);
+        // Graceful shutdown (HTTP/1: close once the current response is
+        // done, or now if between requests; HTTP/2: GOAWAY, then close once
+        // the open streams finish), for an idle connection or on drain,
+        // whichever comes first; hyper must keep being polled to finish it.
+        let mut closing = false;
+        let ended = loop {
+            tokio::select! {
+                ended = conn.as_mut() => break ended,
+                _ = idle.as_mut(), if !closing => {
+                    tracing::debug!(listener = name, peer = %remote, "closing idle connection");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = stopped(&mut drain), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        if let Err(e) = ended {
             log_connection_end(name, remote, e.as_ref());
         }
+        drop(open);
     }
 }
 
