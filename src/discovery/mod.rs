@@ -236,34 +236,63 @@ impl Applier {
         let now = SystemTime::now();
         match update {
             Update::Reset {
-                endpoints,
+                mut endpoints,
                 revision,
             } => {
-                for (svc, _) in src.endpoints.keys() {
-                    self.dirty.mark(svc);
+                // Sorted by key (stable, so of two records with one key the
+                // later still wins, as an insert would): the old view is then
+                // matched in one in-order walk and the new map is bulk-built.
+                // A keyed lookup and insert per record in a 10k-entry map of
+                // string keys chased pointers through cold memory, which made
+                // a full rebuild grow faster than linearly.
+                endpoints.sort_by(|a, b| {
+                    (a.service.as_str(), a.instance.as_str())
+                        .cmp(&(b.service.as_str(), b.instance.as_str()))
+                });
+                // Records arrive grouped by service (both maps are sorted,
+                // registries list by key prefix): skip a service just marked
+                // rather than search the dirty set 2 × endpoints times.
+                let mut last: Option<&str> = None;
+                let services = src
+                    .endpoints
+                    .keys()
+                    .map(|(svc, _)| svc.as_str())
+                    .chain(endpoints.iter().map(|e| e.service.as_str()));
+                for svc in services {
+                    if last != Some(svc) {
+                        self.dirty.mark(svc);
+                        last = Some(svc);
+                    }
                 }
-                for e in &endpoints {
-                    self.dirty.mark(&e.service);
-                }
-                let mut next = BTreeMap::new();
+                let mut old = src.endpoints.iter().peekable();
+                let mut next = Vec::with_capacity(endpoints.len());
                 for record in endpoints {
-                    let key = (record.service.clone(), record.instance.clone());
+                    let key = (record.service.as_str(), record.instance.as_str());
+                    while old
+                        .next_if(|((s, i), _)| (s.as_str(), i.as_str()) < key)
+                        .is_some()
+                    {}
                     // Keep `seen_at` for records that did not change, so
                     // `/routes` ages stay meaningful across resyncs.
-                    let (record, seen_at) = match src.endpoints.get(&key) {
-                        Some(k) if *k.record == record => (k.record.clone(), k.seen_at),
+                    let (record, seen_at) = match old.peek() {
+                        Some(((s, i), k))
+                            if (s.as_str(), i.as_str()) == key && *k.record == record =>
+                        {
+                            (k.record.clone(), k.seen_at)
+                        }
                         _ => (Arc::new(record), now),
                     };
-                    next.insert(
-                        key,
+                    next.push((
+                        (record.service.clone(), record.instance.clone()),
                         Known {
                             record,
                             revision,
                             seen_at,
                         },
-                    );
+                    ));
                 }
-                src.endpoints = next;
+                drop(old);
+                src.endpoints = next.into_iter().collect();
                 src.revision = revision;
                 if src.loaded && source != self.state_source {
                     self.metrics
@@ -397,16 +426,21 @@ impl Applier {
             let old = prev.services.get(svc.as_str());
             let routes = self.build_service(svc, now);
             if let Some(old) = old {
-                let kept = |key: &Arc<str>| {
+                // An endpoint's state is the one `endpoint_states` holds for
+                // its key (inserted once per key, removed only when no table
+                // uses it), so "same key" is "same state `Arc`": comparing
+                // pointers avoids building a key string per pair, which made
+                // this O(endpoints²) allocations per service.
+                let kept = |state: &Arc<EndpointState>| {
                     routes
                         .as_ref()
-                        .is_some_and(|r| r.endpoints.iter().any(|e| state_key(&e.record) == *key))
+                        .is_some_and(|r| r.endpoints.iter().any(|e| Arc::ptr_eq(&e.state, state)))
                 };
                 dropped_addrs.extend(
                     old.endpoints
                         .iter()
-                        .map(|e| state_key(&e.record))
-                        .filter(|key| !kept(key)),
+                        .filter(|e| !kept(&e.state))
+                        .map(|e| state_key(&e.record)),
                 );
             }
             match routes {
