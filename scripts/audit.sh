@@ -24,7 +24,19 @@ if ! command -v cargo >/dev/null && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
 
-db="${ADVISORY_DB:-../shared/advisory-db}"
+# The first database found: $ADVISORY_DB, the workspace's shared snapshot (beside the
+# project, or at its absolute place when the clone lives elsewhere), or cargo-audit's
+# own cache from an earlier online run.
+db="${ADVISORY_DB:-}"
+if [[ -z "$db" ]]; then
+    db=../shared/advisory-db
+    for candidate in ../shared/advisory-db /work/shared/advisory-db "$HOME/.cargo/advisory-db"; do
+        if [[ -d "$candidate/crates" ]]; then
+            db="$candidate"
+            break
+        fi
+    done
+fi
 version="${CARGO_AUDIT_VERSION:-0.22.2}"
 
 if [[ ! -d "$db/crates" ]]; then
