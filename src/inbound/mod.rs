@@ -178,9 +178,10 @@ impl Inbound {
         if let Some(client_upgrade) = client_upgrade {
             parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
-            return self
-                .relay_upgrade(parts, body, client_upgrade, request_id)
-                .await;
+            // Boxed: the upgrade path's future (connect, handshake) would
+            // otherwise be carried inline by every request's future, which
+            // hyper moves into place for each request.
+            return Box::pin(self.relay_upgrade(parts, body, client_upgrade, request_id)).await;
         }
 
         // Assembled from parsed parts (the path shared, the authority parsed

@@ -175,9 +175,18 @@ impl Outbound {
         let deadline = start + policy.timeout;
 
         if let Some(client_upgrade) = client_upgrade {
-            return self
-                .relay_upgrade(parts, body, client_upgrade, routes, policy, request_id)
-                .await;
+            // Boxed: an upgrade's future (dial, TLS handshake, splice) is
+            // large, and inline it would be part of every request's future,
+            // which hyper moves (memcpy) into place for each request.
+            return Box::pin(self.relay_upgrade(
+                parts,
+                body,
+                client_upgrade,
+                routes,
+                policy,
+                request_id,
+            ))
+            .await;
         }
 
         parts.uri = absolute_uri(&parts, service)?;
@@ -186,7 +195,13 @@ impl Outbound {
         parts.headers.remove(http::header::HOST);
 
         let idempotent = retry::is_idempotent(&parts.method, &parts.headers);
-        let mut body = match tokio::time::timeout_at(deadline, retry::prepare(body)).await {
+        // An empty body (most GETs) needs no reading, and so no timer.
+        let prepared = if http_body::Body::is_end_stream(&body) {
+            Ok(Ok(ReqBody::Kept(bytes::Bytes::new())))
+        } else {
+            tokio::time::timeout_at(deadline, retry::prepare(body)).await
+        };
+        let mut body = match prepared {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 return Err(ProxyError::Upstream {
@@ -254,8 +269,19 @@ impl Outbound {
             let ep = &routes.endpoints[pick.index];
 
             // Connect (or reuse). A failure here means nothing was sent.
-            let sender =
-                tokio::time::timeout_at(deadline, ep.state.pool.get(policy.connect_timeout)).await;
+            // The pooled connection is taken without an await; the connect
+            // path is boxed so its large future (TCP, TLS, HTTP/2 handshake)
+            // is not carried inline by every request's future.
+            let sender = match ep.state.pool.ready() {
+                Some(s) => Ok(Ok(s)),
+                None => {
+                    tokio::time::timeout_at(
+                        deadline,
+                        Box::pin(ep.state.pool.get(policy.connect_timeout)),
+                    )
+                    .await
+                }
+            };
             let mut sender = match sender {
                 Err(_) => return Err(self.timeout(service, policy)),
                 Ok(Err(e)) => {

@@ -148,6 +148,12 @@ impl PeerPool {
         }
     }
 
+    /// The pooled connection if it is live, without waiting (the request
+    /// path's fast path; [`PeerPool::get`] connects when this is `None`).
+    pub fn ready(&self) -> Option<http2::SendRequest<Body>> {
+        self.ready_sender()
+    }
+
     /// Whether a connection died of a PING timeout since the last call.
     pub fn take_unresponsive(&self) -> bool {
         self.unresponsive
