@@ -12,7 +12,6 @@
 //! single endpoint.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -42,7 +41,7 @@ pub enum PickError {
 /// Pick an endpoint for a try. `tried` lists indices already used by this
 /// request; `rr` is the service's round-robin cursor.
 pub fn pick(
-    eps: &[Arc<Endpoint>],
+    eps: &[Endpoint],
     policy: &UpstreamPolicy,
     rr: &AtomicUsize,
     tried: &[usize],
@@ -90,7 +89,7 @@ pub fn pick(
 
 /// Apply the balancing algorithm among the endpoints `filter` admits.
 fn choose(
-    eps: &[Arc<Endpoint>],
+    eps: &[Endpoint],
     lb: LbKind,
     rr: &AtomicUsize,
     now: Instant,
@@ -138,7 +137,7 @@ fn choose(
 /// The endpoint in whose weight range `k` falls (weights divided by
 /// `unit`), among those `filter` admits.
 fn nth_by_weight(
-    eps: &[Arc<Endpoint>],
+    eps: &[Endpoint],
     filter: &dyn Fn(usize) -> bool,
     mut k: u64,
     unit: u64,
@@ -166,7 +165,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// Whether the pool's max-ejection share leaves room to eject one more.
 /// At least one endpoint may always be ejected, even in a pool of two.
-pub fn may_eject(eps: &[Arc<Endpoint>], max_percent: u32, now: Instant) -> bool {
+pub fn may_eject(eps: &[Endpoint], max_percent: u32, now: Instant) -> bool {
     let ejected = eps.iter().filter(|e| e.state.is_ejected(now)).count();
     let allowed = (eps.len() * max_percent as usize / 100).max(1);
     ejected < allowed

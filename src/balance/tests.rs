@@ -21,9 +21,9 @@ fn policy(lb: LbKind) -> UpstreamPolicy {
     }
 }
 
-fn endpoint(i: usize, zone: Option<&str>, my_zone: Option<&str>, weight: u32) -> Arc<Endpoint> {
+fn endpoint(i: usize, zone: Option<&str>, my_zone: Option<&str>, weight: u32) -> Endpoint {
     let addr: Arc<str> = format!("10.0.0.{i}:15006").into();
-    Arc::new(Endpoint {
+    Endpoint {
         record: Arc::new(EndpointRecord {
             service: "b".into(),
             instance: format!("b-{i}"),
@@ -45,10 +45,10 @@ fn endpoint(i: usize, zone: Option<&str>, my_zone: Option<&str>, weight: u32) ->
             PeerPool::detached(),
             Instant::now(),
         )),
-    })
+    }
 }
 
-fn pool(n: usize) -> Vec<Arc<Endpoint>> {
+fn pool(n: usize) -> Vec<Endpoint> {
     (0..n).map(|i| endpoint(i, None, None, 100)).collect()
 }
 
@@ -63,7 +63,7 @@ fn eject(ep: &Endpoint, p: &UpstreamPolicy) {
 /// Simulate `n` sequential requests where endpoint latencies are given, and
 /// count picks per endpoint.
 async fn simulate(
-    eps: &[Arc<Endpoint>],
+    eps: &[Endpoint],
     p: &UpstreamPolicy,
     latency: &[Duration],
     n: usize,
@@ -86,7 +86,7 @@ async fn simulate(
 /// Closed-loop load from `workers` concurrent callers for `duration` of
 /// (paused) time; each request holds its endpoint for its latency.
 async fn concurrent(
-    eps: Vec<Arc<Endpoint>>,
+    eps: Vec<Endpoint>,
     lb: LbKind,
     latency: Vec<Duration>,
     workers: usize,

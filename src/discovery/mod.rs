@@ -110,6 +110,30 @@ enum Dirty {
 
 // === impl Dirty ===
 
+/// Marks services dirty during one in-order walk: consecutive marks of one
+/// service (records arrive sorted) cost a string compare, not a set lookup.
+struct Marker<'a> {
+    dirty: &'a mut Dirty,
+    /// The service marked last (`None` before the first mark).
+    last: Option<String>,
+}
+
+impl<'a> Marker<'a> {
+    fn new(dirty: &'a mut Dirty) -> Self {
+        Marker { dirty, last: None }
+    }
+
+    fn mark(&mut self, service: &str) {
+        if self.last.as_deref() == Some(service) {
+            return;
+        }
+        self.dirty.mark(service);
+        let last = self.last.get_or_insert_with(String::new);
+        last.clear();
+        last.push_str(service);
+    }
+}
+
 impl Dirty {
     fn mark(&mut self, service: &str) {
         if let Dirty::Some(set) = self {
@@ -249,49 +273,67 @@ impl Applier {
                     (a.service.as_str(), a.instance.as_str())
                         .cmp(&(b.service.as_str(), b.instance.as_str()))
                 });
-                // Records arrive grouped by service (both maps are sorted,
-                // registries list by key prefix): skip a service just marked
-                // rather than search the dirty set 2 × endpoints times.
-                let mut last: Option<&str> = None;
-                let services = src
-                    .endpoints
-                    .keys()
-                    .map(|(svc, _)| svc.as_str())
-                    .chain(endpoints.iter().map(|e| e.service.as_str()));
-                for svc in services {
-                    if last != Some(svc) {
-                        self.dirty.mark(svc);
-                        last = Some(svc);
+                // One in-order walk over the old view (taken, so its keys
+                // and unchanged records are moved into the new one instead
+                // of reallocated) and the sorted new records. Only services
+                // with an added, removed or changed endpoint are marked for
+                // rebuilding: a resync that repeats what we know (every etcd
+                // reconnect) rebuilds nothing, and a full swap allocates one
+                // key per *new* endpoint only (glibc's malloc/free were ~40%
+                // of a 10k-endpoint swap; perf, benches/routing.rs).
+                let mut old = std::mem::take(&mut src.endpoints).into_iter().peekable();
+                let mut next = Vec::with_capacity(endpoints.len());
+                let mut dirty = Marker::new(&mut self.dirty);
+                for record in endpoints {
+                    while let Some(((svc, _), _)) = old.next_if(|((s, i), _)| {
+                        (s.as_str(), i.as_str())
+                            < (record.service.as_str(), record.instance.as_str())
+                    }) {
+                        dirty.mark(&svc);
+                    }
+                    let same_key = old
+                        .peek()
+                        .is_some_and(|((s, i), _)| *s == record.service && *i == record.instance);
+                    if same_key {
+                        let Some((key, known)) = old.next() else {
+                            continue;
+                        };
+                        // Keep `seen_at` for records that did not change,
+                        // so `/routes` ages stay meaningful across resyncs.
+                        let known = if *known.record == record {
+                            Known { revision, ..known }
+                        } else {
+                            dirty.mark(&record.service);
+                            Known {
+                                record: Arc::new(record),
+                                revision,
+                                seen_at: now,
+                            }
+                        };
+                        // Two records with one key: the later wins, as an
+                        // insert would.
+                        match next.last_mut() {
+                            Some((k, v)) if *k == key => *v = known,
+                            _ => next.push((key, known)),
+                        }
+                        continue;
+                    }
+                    dirty.mark(&record.service);
+                    let key = (record.service.clone(), record.instance.clone());
+                    let known = Known {
+                        record: Arc::new(record),
+                        revision,
+                        seen_at: now,
+                    };
+                    match next.last_mut() {
+                        Some((k, v)) if *k == key => *v = known,
+                        _ => next.push((key, known)),
                     }
                 }
-                let mut old = src.endpoints.iter().peekable();
-                let mut next = Vec::with_capacity(endpoints.len());
-                for record in endpoints {
-                    let key = (record.service.as_str(), record.instance.as_str());
-                    while old
-                        .next_if(|((s, i), _)| (s.as_str(), i.as_str()) < key)
-                        .is_some()
-                    {}
-                    // Keep `seen_at` for records that did not change, so
-                    // `/routes` ages stay meaningful across resyncs.
-                    let (record, seen_at) = match old.peek() {
-                        Some(((s, i), k))
-                            if (s.as_str(), i.as_str()) == key && *k.record == record =>
-                        {
-                            (k.record.clone(), k.seen_at)
-                        }
-                        _ => (Arc::new(record), now),
-                    };
-                    next.push((
-                        (record.service.clone(), record.instance.clone()),
-                        Known {
-                            record,
-                            revision,
-                            seen_at,
-                        },
-                    ));
+                for ((svc, _), _) in old {
+                    dirty.mark(&svc);
                 }
-                drop(old);
+                // Sorted and unique: `collect` bulk-builds the map.
                 src.endpoints = next.into_iter().collect();
                 src.revision = revision;
                 if src.loaded && source != self.state_source {
@@ -408,12 +450,25 @@ impl Applier {
         let (mut services, names): (HashMap<Arc<str>, Arc<ServiceRoutes>>, Vec<String>) =
             match std::mem::replace(&mut self.dirty, Dirty::Some(BTreeSet::new())) {
                 Dirty::All => {
-                    let names: BTreeSet<String> = self
-                        .sources
-                        .iter()
-                        .flat_map(|s| s.endpoints.keys().map(|(svc, _)| svc.clone()))
-                        .chain(prev.services.keys().map(|k| k.to_string()))
-                        .collect();
+                    // Keys are sorted by service: one name per run of keys,
+                    // not one allocation per endpoint.
+                    let mut names: BTreeSet<String> = BTreeSet::new();
+                    for src in &self.sources {
+                        let mut last: Option<&str> = None;
+                        for (svc, _) in src.endpoints.keys() {
+                            if last != Some(svc.as_str()) {
+                                if !names.contains(svc.as_str()) {
+                                    names.insert(svc.clone());
+                                }
+                                last = Some(svc.as_str());
+                            }
+                        }
+                    }
+                    for k in prev.services.keys() {
+                        if !names.contains(&**k) {
+                            names.insert(k.to_string());
+                        }
+                    }
                     (
                         HashMap::with_capacity(names.len()),
                         names.into_iter().collect(),
@@ -499,22 +554,33 @@ impl Applier {
     /// The routes of one service, merged across sources by instance (the
     /// first source in config order wins); `None` if it has no endpoints.
     fn build_service(&mut self, svc: &str, now: Instant) -> Option<Arc<ServiceRoutes>> {
-        let mut merged: BTreeMap<&str, (usize, &Known)> = BTreeMap::new();
+        // Each source's range is sorted by instance; with one source
+        // holding the service (the usual case) that range is the result.
+        // Otherwise: concatenate, sort stably by instance (source order
+        // breaks ties) and keep the first of each instance.
+        let mut merged: Vec<(&str, usize, &Known)> = Vec::new();
+        let from = (svc.to_string(), String::new());
+        let mut contributing = 0;
         for (i, src) in self.sources.iter().enumerate() {
-            let from = (svc.to_string(), String::new());
-            for ((s, inst), known) in src.endpoints.range(from..) {
+            let before = merged.len();
+            for ((s, inst), known) in src.endpoints.range(&from..) {
                 if s != svc {
                     break;
                 }
-                merged.entry(inst.as_str()).or_insert((i, known));
+                merged.push((inst.as_str(), i, known));
             }
+            contributing += usize::from(merged.len() > before);
         }
         if merged.is_empty() {
             return None;
         }
+        if contributing > 1 {
+            merged.sort_by(|a, b| a.0.cmp(b.0));
+            merged.dedup_by(|later, first| later.0 == first.0);
+        }
         let my_zone = self.config.service.zone.as_deref();
         let mut endpoints = Vec::with_capacity(merged.len());
-        for (source, known) in merged.into_values() {
+        for (_, source, known) in merged {
             // Plaintext endpoints are keyed by address alone, so they are
             // looked up by `&str` and a key is allocated only for an address
             // seen for the first time; mTLS keys carry the identity too.
@@ -538,7 +604,7 @@ impl Applier {
                     state
                 }
             };
-            endpoints.push(Arc::new(Endpoint {
+            endpoints.push(Endpoint {
                 weight: known.record.weight,
                 local: my_zone.is_some() && known.record.zone.as_deref() == my_zone,
                 record: known.record.clone(),
@@ -546,7 +612,7 @@ impl Applier {
                 revision: known.revision,
                 seen_at: known.seen_at,
                 state,
-            }));
+            });
         }
         let name = match self.service_states.get_key_value(svc) {
             Some((k, _)) => k.clone(),

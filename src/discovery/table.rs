@@ -34,8 +34,11 @@ pub struct Table {
 pub struct ServiceRoutes {
     /// Service name.
     pub name: Arc<str>,
-    /// Endpoints, sorted by instance id for stable output.
-    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Endpoints, sorted by instance id for stable output. Held inline,
+    /// not behind an `Arc` each: a full swap then makes one allocation per
+    /// service instead of one per endpoint, and a pick scans contiguous
+    /// memory.
+    pub endpoints: Vec<Endpoint>,
     /// The service's policy (`[[upstreams]]` over `[outbound]`), resolved
     /// when the routes are built so a request never searches the config.
     pub policy: Arc<UpstreamPolicy>,
