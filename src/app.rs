@@ -231,6 +231,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         ))
     };
     let reload_task = tls.clone().map(|t| tokio::spawn(t.run_reload()));
+    let trim_task = tokio::spawn(crate::memory::trim_when_idle());
     tracing::info!(
         service = %config.service.name,
         instance = %config.service.instance_id,
@@ -263,6 +264,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         let _ = t.await;
     }
     probe_task.abort();
+    trim_task.abort();
     if let Some(t) = reload_task {
         t.abort();
     }

@@ -37,7 +37,9 @@
 //! - [`app`]: wiring and the shutdown sequence.
 //! - [`routes_cli`]: `outrigger routes`, a readable view of a running sidecar's table.
 
-#![forbid(unsafe_code)]
+// One audited exception, `memory::trim` (an FFI call to glibc's
+// `malloc_trim`, which has no preconditions), is allowed where it is made.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -48,6 +50,7 @@ pub mod discovery;
 pub mod health;
 pub mod http;
 pub mod inbound;
+pub mod memory;
 pub mod metrics;
 pub mod outbound;
 pub mod registry;

@@ -98,6 +98,7 @@ impl ConnGuard {
     /// as in flight until the returned token is dropped.
     pub fn request_in_flight(self: &Arc<Self>) -> InFlight {
         self.request_started();
+        crate::memory::note_request();
         self.activity.send_modify(|a| a.in_flight += 1);
         InFlight {
             guard: self.clone(),
