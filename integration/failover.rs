@@ -131,9 +131,13 @@ async fn sigstopped_peer_is_detected_and_ejected_without_failures() {
     let stopped_at = start.elapsed();
     m.b1.sigstop();
     let stopped = Instant::now();
+    // The protocol bound is 2 s (PING every 1 s, 1 s to answer); the rest
+    // is scheduling slack for timers on a loaded 2-core CI machine, where
+    // the full suite runs other sidecars beside this one. Without PING
+    // detection, ejection would wait for the request timeout (seconds more).
     wait_until(
-        "b-1 ejected within 2 s of SIGSTOP",
-        Duration::from_millis(2500),
+        "b-1 ejected within 2 s (+ slack) of SIGSTOP",
+        Duration::from_millis(3000),
         || async {
             m.endpoint("b", "b-1")
                 .await
@@ -152,7 +156,7 @@ async fn sigstopped_peer_is_detected_and_ejected_without_failures() {
     m.b1.sigcont();
     assert_eq!(report.failures(), 0, "{:?}", report.outcomes());
     assert!(
-        detection <= Duration::from_millis(2200),
+        detection <= Duration::from_millis(2600),
         "detected after {detection:?}"
     );
     assert!(
