@@ -169,6 +169,21 @@ async fn partition_longer_than_ttl_recovers_registration() {
         || async { etcd.get(&key).await.is_none() },
     )
     .await;
+    // Keep the partition until a registration attempt has failed: one that
+    // is still waiting when the partition heals may then simply succeed,
+    // and on a slow machine the lease can expire before any attempt has
+    // timed out.
+    wait_until(
+        "a registration attempt fails during the partition",
+        Duration::from_secs(10),
+        || async {
+            b.metric_value("outrigger_registry_errors_total")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
     relay.restore();
     let healed = Instant::now();
     wait_until(
@@ -182,13 +197,8 @@ async fn partition_longer_than_ttl_recovers_registration() {
         healed.elapsed()
     );
     // The partition is visible in b's metrics: registrations failed while
-    // the lease was lost, and the watch was lost at least once.
-    assert!(
-        b.metric_value("outrigger_registry_errors_total")
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    );
+    // the lease was lost (waited for above), and the watch was lost at
+    // least once.
     assert!(
         b.metric_value("outrigger_registry_disconnects_total")
             .await
