@@ -291,40 +291,30 @@ impl Applier {
                     }) {
                         dirty.mark(&svc);
                     }
-                    let same_key = old
-                        .peek()
-                        .is_some_and(|((s, i), _)| *s == record.service && *i == record.instance);
-                    if same_key {
-                        let Some((key, known)) = old.next() else {
-                            continue;
-                        };
+                    let found =
+                        old.next_if(|((s, i), _)| *s == record.service && *i == record.instance);
+                    let (key, known) = match found {
                         // Keep `seen_at` for records that did not change,
                         // so `/routes` ages stay meaningful across resyncs.
-                        let known = if *known.record == record {
-                            Known { revision, ..known }
-                        } else {
+                        Some((key, known)) if *known.record == record => {
+                            (key, Known { revision, ..known })
+                        }
+                        found => {
                             dirty.mark(&record.service);
-                            Known {
+                            let key = match found {
+                                Some((key, _)) => key,
+                                None => (record.service.clone(), record.instance.clone()),
+                            };
+                            let known = Known {
                                 record: Arc::new(record),
                                 revision,
                                 seen_at: now,
-                            }
-                        };
-                        // Two records with one key: the later wins, as an
-                        // insert would.
-                        match next.last_mut() {
-                            Some((k, v)) if *k == key => *v = known,
-                            _ => next.push((key, known)),
+                            };
+                            (key, known)
                         }
-                        continue;
-                    }
-                    dirty.mark(&record.service);
-                    let key = (record.service.clone(), record.instance.clone());
-                    let known = Known {
-                        record: Arc::new(record),
-                        revision,
-                        seen_at: now,
                     };
+                    // Two records with one key: the later wins, as an
+                    // insert would.
                     match next.last_mut() {
                         Some((k, v)) if *k == key => *v = known,
                         _ => next.push((key, known)),
