@@ -255,7 +255,7 @@ async fn discovery_propagation_delay() {
     let mut delays = Vec::new();
     for i in 0..10 {
         let id = format!("p-{i}");
-        let addr = crate::support::ports::loopback(20000 + i);
+        let addr = crate::support::ports::free_addr();
         let t = Instant::now();
         consul.put_passing(fake_instance("p", &id, addr));
         let id2 = id.clone();
@@ -360,7 +360,7 @@ async fn index_anomalies_backwards_zero_and_churn_stay_bounded() {
     consul.put_passing(fake_instance(
         "p",
         "p-1",
-        crate::support::ports::loopback(20101),
+        crate::support::ports::free_addr(),
     ));
     let a_ref = &a;
     wait_until("a routes to p-1", Duration::from_secs(3), || async move {
@@ -387,7 +387,7 @@ async fn index_anomalies_backwards_zero_and_churn_stay_bounded() {
     consul.put_passing(fake_instance(
         "p",
         "p-2",
-        crate::support::ports::loopback(20102),
+        crate::support::ports::free_addr(),
     ));
     wait_until(
         "a sees p-2 after the reset",

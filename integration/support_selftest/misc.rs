@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::client::try_get;
 use crate::support::files::{static_endpoints_toml, StaticEndpoint};
-use crate::support::ports::loopback;
+use crate::support::ports::{in_ephemeral_range, loopback};
 use crate::support::wait::wait_for;
 use crate::support::{free_port, wait_until, FileDir};
 
@@ -14,6 +14,28 @@ fn free_ports_are_unique_and_bindable() {
     let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
     assert_eq!(ports.iter().collect::<HashSet<_>>().len(), ports.len());
     std::net::TcpListener::bind(loopback(ports[0])).expect("a free port can be bound");
+    // The kernel picks ports for `bind(":0")` and `connect()` from its
+    // ephemeral range; a handed-out port there could be taken by a fixture
+    // or a client socket before the sidecar binds it.
+    let kernel_picked: Vec<u16> = (0..50)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        })
+        .collect();
+    assert!(
+        kernel_picked.iter().all(|p| in_ephemeral_range(*p)),
+        "the ephemeral range as read must cover the kernel's own picks: {kernel_picked:?}"
+    );
+    let inside: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|p| in_ephemeral_range(*p))
+        .collect();
+    assert!(
+        inside.is_empty(),
+        "free_port handed out ephemeral ports {inside:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
