@@ -38,8 +38,12 @@ fn main() {
     let waiting_for = Arc::new(AtomicU64::new(u64::MAX));
     let seen: Arc<Mutex<Option<Instant>>> = Arc::default();
     let reader = {
-        let (table, stop, waiting_for, seen) =
-            (m.table.clone(), stop.clone(), waiting_for.clone(), seen.clone());
+        let (table, stop, waiting_for, seen) = (
+            m.table.clone(),
+            stop.clone(),
+            waiting_for.clone(),
+            seen.clone(),
+        );
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let generation = table.load().generation;
