@@ -110,24 +110,36 @@ enum Dirty {
 
 // === impl Dirty ===
 
-/// Marks services dirty during one in-order walk: consecutive marks of one
-/// service (records arrive sorted) cost a string compare, not a set lookup.
+/// Collects service names during one in-order walk: consecutive marks of
+/// one service (keys and records arrive sorted) cost a string compare, not
+/// a set lookup.
 struct Marker<'a> {
-    dirty: &'a mut Dirty,
+    /// Where the names go; `None` when everything is dirty already.
+    names: Option<&'a mut BTreeSet<String>>,
     /// The service marked last (`None` before the first mark).
     last: Option<String>,
 }
 
 impl<'a> Marker<'a> {
+    /// Marks services dirty.
     fn new(dirty: &'a mut Dirty) -> Self {
-        Marker { dirty, last: None }
+        match dirty {
+            Dirty::All => Marker::over(None),
+            Dirty::Some(set) => Marker::over(Some(set)),
+        }
+    }
+
+    fn over(names: Option<&'a mut BTreeSet<String>>) -> Self {
+        Marker { names, last: None }
     }
 
     fn mark(&mut self, service: &str) {
         if self.last.as_deref() == Some(service) {
             return;
         }
-        self.dirty.mark(service);
+        if let Some(set) = self.names.as_deref_mut() {
+            insert_name(set, service);
+        }
         let last = self.last.get_or_insert_with(String::new);
         last.clear();
         last.push_str(service);
@@ -137,10 +149,15 @@ impl<'a> Marker<'a> {
 impl Dirty {
     fn mark(&mut self, service: &str) {
         if let Dirty::Some(set) = self {
-            if !set.contains(service) {
-                set.insert(service.to_string());
-            }
+            insert_name(set, service);
         }
+    }
+}
+
+/// Insert `service`, allocating its name only if it is not there yet.
+fn insert_name(set: &mut BTreeSet<String>, service: &str) {
+    if !set.contains(service) {
+        set.insert(service.to_string());
     }
 }
 
@@ -443,21 +460,14 @@ impl Applier {
                     // Keys are sorted by service: one name per run of keys,
                     // not one allocation per endpoint.
                     let mut names: BTreeSet<String> = BTreeSet::new();
+                    let mut marker = Marker::over(Some(&mut names));
                     for src in &self.sources {
-                        let mut last: Option<&str> = None;
                         for (svc, _) in src.endpoints.keys() {
-                            if last != Some(svc.as_str()) {
-                                if !names.contains(svc.as_str()) {
-                                    names.insert(svc.clone());
-                                }
-                                last = Some(svc.as_str());
-                            }
+                            marker.mark(svc);
                         }
                     }
                     for k in prev.services.keys() {
-                        if !names.contains(&**k) {
-                            names.insert(k.to_string());
-                        }
+                        marker.mark(k);
                     }
                     (
                         HashMap::with_capacity(names.len()),
