@@ -13,7 +13,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -31,12 +30,8 @@ use crate::metrics::{Metrics, RequestMetrics};
 use crate::outbound::error_chain;
 use crate::tls::{PeerIdentity, Tls};
 
-/// Connect deadline to the local service: it is on loopback, so anything
-/// slower than this means it is not listening.
-const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Idle pooled connections to the local service are closed after this.
-const LOCAL_POOL_IDLE: Duration = Duration::from_secs(90);
+mod local_pool;
+use local_pool::{LocalPool, CONNECT_TIMEOUT, IDLE_TIMEOUT};
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +49,9 @@ pub struct Inbound {
     /// `None` if the address is not a valid authority (then every request
     /// fails with a clear error rather than the sidecar refusing to start).
     local_authority: Option<Authority>,
-    http1: Client<HttpConnector, Body>,
+    /// HTTP/1.1 keep-alive connections (most traffic).
+    http1: Arc<LocalPool>,
+    /// One multiplexed HTTP/2 connection (gRPC, h2c callers).
     http2: Client<HttpConnector, Body>,
     /// mTLS: who may call (`tls.allow`); `None` for a plaintext mesh.
     tls: Option<Arc<Tls>>,
@@ -70,14 +67,9 @@ impl Inbound {
     pub fn new(config: &Config, metrics: Arc<Metrics>, tls: Option<Arc<Tls>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(LOCAL_CONNECT_TIMEOUT));
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(LOCAL_POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector.clone());
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let http2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(LOCAL_POOL_IDLE)
+            .pool_idle_timeout(IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .http2_only(true)
             .timer(TokioTimer::new())
@@ -87,7 +79,7 @@ impl Inbound {
         Inbound {
             local: config.service.address.clone(),
             local_authority: Authority::try_from(config.service.address.as_str()).ok(),
-            http1,
+            http1: LocalPool::new(config.service.address.clone()),
             http2,
             tls,
             inbound_requests: metrics.request_metrics("inbound", &service),
@@ -184,44 +176,50 @@ impl Inbound {
             return Box::pin(self.relay_upgrade(parts, body, client_upgrade, request_id)).await;
         }
 
-        // Assembled from parsed parts (the path shared, the authority parsed
-        // at start-up), not re-parsed from text for every request.
         let bad_target = |message: String| ProxyError::LocalUpstream {
             address: self.local.clone(),
             message: format!("bad request target: {message}"),
         };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(
-            self.local_authority
-                .clone()
-                .ok_or_else(|| bad_target("the service address is not host:port".into()))?,
-        );
-        uri.path_and_query = Some(pq);
-        parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
-        let client = if wants_h1 {
+        let authority = self
+            .local_authority
+            .clone()
+            .ok_or_else(|| bad_target("the service address is not host:port".into()))?;
+
+        let res = if wants_h1 {
+            // Origin form, as HTTP/1.1 servers expect; Host was kept (or
+            // rebuilt from :authority above).
+            parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
-            &self.http1
+            self.http1
+                .send(Request::from_parts(parts, Body::incoming(body)))
+                .await?
         } else {
+            // Assembled from parsed parts (the path shared, the authority
+            // parsed at start-up), not re-parsed from text for every request.
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(pq);
+            parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
             parts.version = Version::HTTP_2;
-            &self.http2
+            let req = Request::from_parts(parts, Body::incoming(body));
+            self.http2.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    ProxyError::LocalConnect {
+                        address: self.local.clone(),
+                        message: error_chain(&e),
+                    }
+                } else {
+                    ProxyError::LocalUpstream {
+                        address: self.local.clone(),
+                        message: error_chain(&e),
+                    }
+                }
+            })?
         };
-        let req = Request::from_parts(parts, Body::incoming(body));
-        match client.request(req).await {
-            Ok(res) => {
-                let (mut parts, body) = res.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers, false);
-                Ok(Response::from_parts(parts, Body::incoming(body)))
-            }
-            Err(e) if e.is_connect() => Err(ProxyError::LocalConnect {
-                address: self.local.clone(),
-                message: error_chain(&e),
-            }),
-            Err(e) => Err(ProxyError::LocalUpstream {
-                address: self.local.clone(),
-                message: error_chain(&e),
-            }),
-        }
+        let (mut parts, body) = res.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(parts, Body::incoming(body)))
     }
 
     async fn relay_upgrade(
@@ -235,14 +233,7 @@ impl Inbound {
             address: self.local.clone(),
             message,
         };
-        let stream = tokio::time::timeout(
-            LOCAL_CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(&self.local),
-        )
-        .await
-        .map_err(|_| connect_err("connect timed out".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        let stream = local_pool::dial(&self.local).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_err(e.to_string()))?;
