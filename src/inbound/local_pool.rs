@@ -210,11 +210,15 @@ mod tests {
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
-    /// A keep-alive HTTP/1.1 server that counts accepted connections and
-    /// answers every request with "ok".
-    async fn counting_server() -> (String, Arc<AtomicUsize>) {
+    /// Accepts connections on a free loopback port, counts them, and runs
+    /// `serve` on each with its 0-based index.
+    async fn server<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -222,20 +226,26 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            Bytes::from_static(b"ok"),
-                        )))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream, n));
             }
         });
         (addr, accepted)
+    }
+
+    /// A keep-alive HTTP/1.1 server (hyper's) that answers "ok".
+    async fn counting_server() -> (String, Arc<AtomicUsize>) {
+        server(|stream, _| async move {
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        })
+        .await
     }
 
     fn get() -> Request<Body> {
@@ -261,7 +271,7 @@ mod tests {
     }
 
     /// Read one request head from a raw connection; false at EOF.
-    async fn read_head(stream: &mut tokio::net::TcpStream) -> bool {
+    async fn read_head(stream: &mut TcpStream) -> bool {
         let mut buf = [0u8; 4096];
         let mut seen = Vec::new();
         while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -275,33 +285,32 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_still_streaming_its_body_is_not_reused() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
         let (release, gate) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let mut gate = Some(gate);
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                let first = count.fetch_add(1, Ordering::SeqCst) == 0;
-                let mut gate = if first { gate.take() } else { None };
-                tokio::spawn(async move {
-                    while read_head(&mut stream).await {
-                        let reply: &[u8] = if gate.is_some() {
-                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"
-                        } else {
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                        };
-                        stream.write_all(reply).await.unwrap();
-                        if let Some(gate) = gate.take() {
-                            let _ = gate.await;
-                            stream.write_all(b"0\r\n\r\n").await.unwrap();
-                        }
+        let gate = Arc::new(Mutex::new(Some(gate)));
+        // The first connection's first response holds its body open until
+        // released; every other response is complete at once.
+        let (addr, accepted) = server(move |mut stream, n| {
+            let mut gate = if n == 0 {
+                gate.lock().unwrap().take()
+            } else {
+                None
+            };
+            async move {
+                while read_head(&mut stream).await {
+                    let reply: &[u8] = if gate.is_some() {
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    stream.write_all(reply).await.unwrap();
+                    if let Some(gate) = gate.take() {
+                        let _ = gate.await;
+                        stream.write_all(b"0\r\n\r\n").await.unwrap();
                     }
-                });
+                }
             }
-        });
+        })
+        .await;
         let pool = LocalPool::new(addr);
         let streaming = pool.send(get()).await.unwrap();
         let second = pool.send(get()).await.unwrap();
@@ -342,26 +351,16 @@ mod tests {
     async fn connections_the_service_closes_after_each_response_never_fail_a_post() {
         // Answers one request per connection, then closes it (no keep-alive
         // header, so the client believes the connection can be reused).
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    if !read_head(&mut stream).await {
-                        return;
-                    }
-                    stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await
-                        .unwrap();
-                    // then close: the pooled sender learns of it only later
-                });
+        let (addr, accepted) = server(|mut stream, _| async move {
+            if read_head(&mut stream).await {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
             }
-        });
+            // then close: the pooled sender learns of it only later
+        })
+        .await;
         let pool = LocalPool::new(addr);
         for _ in 0..3 {
             let mut req = get();
