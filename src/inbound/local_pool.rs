@@ -76,25 +76,21 @@ impl LocalPool {
         self: &Arc<Self>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        while let Some(mut sender) = self.checkout() {
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
             match sender.try_send_request(req).await {
                 Ok(res) => {
                     self.checkin(sender);
                     return Ok(res);
                 }
                 Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(self.upstream_error(&e.into_error())),
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(upstream_error(&self.address, e.error())),
                 },
             }
-        }
-        let mut sender = self.connect().await?;
-        match sender.try_send_request(req).await {
-            Ok(res) => {
-                self.checkin(sender);
-                Ok(res)
-            }
-            Err(e) => Err(self.upstream_error(&e.into_error())),
         }
     }
 
@@ -159,13 +155,6 @@ impl LocalPool {
         });
         Ok(sender)
     }
-
-    fn upstream_error(&self, e: &hyper::Error) -> ProxyError {
-        ProxyError::LocalUpstream {
-            address: self.address.clone(),
-            message: error_chain(e),
-        }
-    }
 }
 
 /// A TCP connection to the local service (`TCP_NODELAY`: requests and
@@ -184,10 +173,19 @@ pub async fn dial(address: &str) -> Result<tokio::net::TcpStream, ProxyError> {
     Ok(stream)
 }
 
-fn connect_error(address: &str, message: String) -> ProxyError {
+/// The local service could not be reached.
+pub fn connect_error(address: &str, message: String) -> ProxyError {
     ProxyError::LocalConnect {
         address: address.to_owned(),
         message,
+    }
+}
+
+/// The local service failed mid-exchange.
+pub fn upstream_error(address: &str, e: &dyn std::error::Error) -> ProxyError {
+    ProxyError::LocalUpstream {
+        address: address.to_owned(),
+        message: error_chain(e),
     }
 }
 

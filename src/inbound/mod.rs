@@ -180,10 +180,9 @@ impl Inbound {
             address: self.local.clone(),
             message: format!("bad request target: {message}"),
         };
-        let authority = self
-            .local_authority
-            .clone()
-            .ok_or_else(|| bad_target("the service address is not host:port".into()))?;
+        let Some(authority) = &self.local_authority else {
+            return Err(bad_target("the service address is not host:port".into()));
+        };
 
         let res = if wants_h1 {
             // Origin form, as HTTP/1.1 servers expect; Host was kept (or
@@ -198,22 +197,16 @@ impl Inbound {
             // parsed at start-up), not re-parsed from text for every request.
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(authority);
+            uri.authority = Some(authority.clone());
             uri.path_and_query = Some(pq);
             parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
             parts.version = Version::HTTP_2;
             let req = Request::from_parts(parts, Body::incoming(body));
             self.http2.request(req).await.map_err(|e| {
                 if e.is_connect() {
-                    ProxyError::LocalConnect {
-                        address: self.local.clone(),
-                        message: error_chain(&e),
-                    }
+                    local_pool::connect_error(&self.local, error_chain(&e))
                 } else {
-                    ProxyError::LocalUpstream {
-                        address: self.local.clone(),
-                        message: error_chain(&e),
-                    }
+                    local_pool::upstream_error(&self.local, &e)
                 }
             })?
         };
@@ -229,24 +222,17 @@ impl Inbound {
         client_upgrade: hyper::upgrade::OnUpgrade,
         request_id: &HeaderValue,
     ) -> Result<Response<Body>, ProxyError> {
-        let connect_err = |message: String| ProxyError::LocalConnect {
-            address: self.local.clone(),
-            message,
-        };
         let stream = local_pool::dial(&self.local).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|e| local_pool::connect_error(&self.local, e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
         let mut res = sender
             .send_request(Request::from_parts(parts, Body::incoming(body)))
             .await
-            .map_err(|e| ProxyError::LocalUpstream {
-                address: self.local.clone(),
-                message: error_chain(&e),
-            })?;
+            .map_err(|e| local_pool::upstream_error(&self.local, &e))?;
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream = hyper::upgrade::on(&mut res);
             crate::http::upgrade::splice(
