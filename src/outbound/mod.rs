@@ -354,6 +354,7 @@ impl Outbound {
                             continue;
                         }
                         let e = e.into_error();
+                        ep.state.pool.note_request_error(&e);
                         self.record_failure(routes, pick.index, Failure::Gateway, policy);
                         if e.is_closed() || e.is_canceled() {
                             ep.state.pool.invalidate();

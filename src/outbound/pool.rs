@@ -160,6 +160,20 @@ impl PeerPool {
             .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Learn from a sent request's own error, before its failure is
+    /// recorded. hyper's keep-alive PING is the only timer on a peer
+    /// connection, so a hyper timeout means the peer stopped answering:
+    /// mark it hung here. The connection task marks it too, but it may run
+    /// after the requests it failed, and then their failures would be
+    /// counted as ordinary ones and the ejection would wait for a later
+    /// request.
+    pub fn note_request_error(&self, e: &hyper::Error) {
+        if e.is_timeout() {
+            self.unresponsive
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Forget the current connection (after a connection-level error).
     pub fn invalidate(&self) {
         if let Ok(mut r) = self.ready.lock() {
