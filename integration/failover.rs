@@ -167,6 +167,61 @@ async fn sigstopped_peer_is_detected_and_ejected_without_failures() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_peer_is_ejected_even_when_no_request_goes_to_it() {
+    let _timing = exclusive().await;
+    let mut m = EtcdTrio::start("").await;
+    // Open a's connection to each replica, then go quiet: after the
+    // SIGSTOP no request exists that could fail on b-1. This is the case of
+    // a balancer that steers all traffic away from a hung endpoint (P2C-EWMA
+    // does when its latency estimate is above its peer's); the PING
+    // detector alone must eject it.
+    wait_until(
+        "a connected to b-1 and b-2",
+        Duration::from_secs(5),
+        || async {
+            let _ = LoadGen::new(m.outbound())
+                .host("b")
+                .rate(100)
+                .duration(Duration::from_millis(100))
+                .run()
+                .await;
+            let b1 = m.endpoint("b", "b-1").await;
+            let b2 = m.endpoint("b", "b-2").await;
+            [b1, b2]
+                .iter()
+                .all(|e| e.as_ref().is_some_and(|e| e["connected"] == true))
+        },
+    )
+    .await;
+    m.b1.sigstop();
+    let stopped = Instant::now();
+    wait_until(
+        "idle b-1 ejected within 2 s (+ slack) of SIGSTOP, with no request sent",
+        Duration::from_millis(3000),
+        || async {
+            m.endpoint("b", "b-1")
+                .await
+                .is_some_and(|e| e["state"] == "ejected")
+        },
+    )
+    .await;
+    let detection = stopped.elapsed();
+    m.b1.sigcont();
+    println!("idle SIGSTOP: ejected after {detection:?}");
+    assert!(
+        m.a.log().contains("cause=\"ping-timeout\""),
+        "the ejection names the PING timeout: {}",
+        m.a.log_tail(20)
+    );
+    assert_eq!(
+        m.a.metric_value("outrigger_ejections_total{service=\"b\"}")
+            .await,
+        Some(1.0),
+        "one hang, one ejection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gray_failure_is_ejected_and_ejection_grows_on_repeat() {
     let _timing = exclusive().await;
     // Short base ejection only to see the repeat offence within the test.

@@ -30,7 +30,7 @@ use crate::http::server;
 use crate::inbound::{Direction, Inbound};
 use crate::metrics::Metrics;
 use crate::outbound::dial::PLAINTEXT_PROTOCOL;
-use crate::outbound::pool::PoolSettings;
+use crate::outbound::pool::{PoolSettings, HUNG_REPORTS};
 use crate::outbound::Outbound;
 use crate::registry::{self, EndpointRecord, RegistryError, UpdateTx};
 use crate::tls::Tls;
@@ -113,10 +113,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let table = Arc::new(ArcSwap::from_pointee(Table::default()));
     let status = Arc::new(DiscoveryStatus::default());
     let (update_tx, update_rx) = mpsc::channel(UPDATE_CHANNEL);
+    let (hung_tx, hung_rx) = mpsc::channel(HUNG_REPORTS);
     let mut applier = Applier::new(
         registries.iter().map(|r| r.name.clone()).collect(),
         config.clone(),
-        Arc::new(PoolSettings { tls: tls.clone() }),
+        Arc::new(PoolSettings {
+            tls: tls.clone(),
+            hung: Some(hung_tx),
+        }),
         metrics.clone(),
         table.clone(),
         status.clone(),
@@ -160,6 +164,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.clone(),
         metrics.clone(),
     ));
+    let ejector_task = tokio::spawn(outbound.clone().eject_hung(hung_rx));
     {
         let o = outbound.clone();
         serving.push(tokio::spawn(server::serve(
@@ -265,6 +270,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     probe_task.abort();
     trim_task.abort();
+    ejector_task.abort();
     if let Some(t) = reload_task {
         t.abort();
     }

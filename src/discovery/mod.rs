@@ -737,7 +737,7 @@ mod tests {
         let applier = Applier::new(
             vec!["0-etcd".into()],
             Arc::new(config),
-            Arc::new(PoolSettings { tls: None }),
+            Arc::new(PoolSettings::default()),
             metrics.clone(),
             table.clone(),
             Arc::new(DiscoveryStatus::default()),

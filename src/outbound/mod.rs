@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::balance::{self, Failure, PickError};
 use crate::config::{Config, UpstreamPolicy};
-use crate::discovery::{ServiceRoutes, Table};
+use crate::discovery::{self, ServiceRoutes, Table};
 use crate::http::error::respond;
 use crate::http::headers::{self, CALLER, ORIG_PROTO};
 use crate::http::{Body, ProxyError};
@@ -435,27 +435,82 @@ impl Outbound {
         let now = Instant::now();
         let may = balance::may_eject(&routes.endpoints, policy.outlier.max_ejection_percent, now);
         let ep = &routes.endpoints[index];
-        let ejected = if ep.state.pool.take_unresponsive() {
+        let (ejected, cause) = if ep.state.pool.take_unresponsive() {
             ep.state.record_failure(kind, now, &policy.outlier, false);
-            ep.state.eject_now(now, &policy.outlier, may)
+            (
+                ep.state.eject_now(now, &policy.outlier, may),
+                "ping-timeout",
+            )
         } else {
-            ep.state.record_failure(kind, now, &policy.outlier, may)
+            let cause = match kind {
+                Failure::Connect => "connect-failures",
+                Failure::Gateway => "gateway-failures",
+            };
+            (
+                ep.state.record_failure(kind, now, &policy.outlier, may),
+                cause,
+            )
         };
         if let Some(time) = ejected {
-            ep.state.pool.invalidate();
-            self.metrics
-                .ejections
-                .get_or_create(&Metrics::service(&routes.name))
-                .inc();
-            tracing::warn!(
-                service = %routes.name,
-                endpoint = %ep.state.addr,
-                instance = %ep.record.instance,
-                ejected_for_s = time.as_secs(),
-                cause = ?kind,
-                "ejecting endpoint"
-            );
+            self.ejected(routes, ep, time, cause);
         }
+    }
+
+    /// Eject the endpoints whose peer connection died of an unanswered
+    /// PING, as the pools report them ([`pool::PoolSettings::hung`]).
+    /// Runs for the life of the sidecar.
+    ///
+    /// Ejecting here, not on the next failed request, matters because a
+    /// hung peer may get no request at all: P2C-EWMA steers traffic away
+    /// from an endpoint whose latency estimate is above its peers', and a
+    /// connection that has just died leaves no request behind to fail.
+    pub async fn eject_hung(self: Arc<Self>, mut reports: tokio::sync::mpsc::Receiver<Arc<str>>) {
+        while let Some(addr) = reports.recv().await {
+            let table = self.table.load();
+            for routes in table.services.values() {
+                let found = routes.endpoints.iter().position(|e| e.state.addr == addr);
+                // The flag is the hand-off with the request path: whichever
+                // takes it ejects, so one hang is one ejection.
+                if let Some(i) =
+                    found.filter(|&i| routes.endpoints[i].state.pool.take_unresponsive())
+                {
+                    let now = Instant::now();
+                    let policy = &routes.policy;
+                    let may = balance::may_eject(
+                        &routes.endpoints,
+                        policy.outlier.max_ejection_percent,
+                        now,
+                    );
+                    let ep = &routes.endpoints[i];
+                    if let Some(time) = ep.state.eject_now(now, &policy.outlier, may) {
+                        self.ejected(routes, ep, time, "ping-timeout");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Book an ejection: drop the endpoint's connection, count it, log it.
+    fn ejected(
+        &self,
+        routes: &ServiceRoutes,
+        ep: &discovery::Endpoint,
+        time: std::time::Duration,
+        cause: &'static str,
+    ) {
+        ep.state.pool.invalidate();
+        self.metrics
+            .ejections
+            .get_or_create(&Metrics::service(&routes.name))
+            .inc();
+        tracing::warn!(
+            service = %routes.name,
+            endpoint = %ep.state.addr,
+            instance = %ep.record.instance,
+            ejected_for_s = time.as_secs(),
+            cause,
+            "ejecting endpoint"
+        );
     }
 
     fn timeout(&self, service: &str, policy: &UpstreamPolicy) -> ProxyError {

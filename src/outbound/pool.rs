@@ -30,7 +30,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::dial::{self, PeerStream, PeerTls};
@@ -58,7 +58,20 @@ const FAILED_CONNECT_MEMORY: Duration = Duration::from_millis(250);
 pub struct PoolSettings {
     /// Our mTLS state; `None` when `[tls]` is not configured.
     pub tls: Option<Arc<Tls>>,
+    /// Where a connection that died of an unanswered PING reports its
+    /// endpoint's address, so the outbound side ejects the endpoint at once
+    /// ([`crate::outbound::Outbound::eject_hung`]). Without it the ejection
+    /// would wait for the next request that fails on the endpoint, and the
+    /// balancer may send none there for seconds: P2C-EWMA avoids an endpoint
+    /// whose latency estimate is above its peers'. `None` in detached pools
+    /// and unit tests; the request path still ejects on its next failure.
+    pub hung: Option<mpsc::Sender<Arc<str>>>,
 }
+
+/// Room for PING-timeout reports in flight to the ejector. A full channel
+/// loses nothing: the endpoint's `unresponsive` flag stays set, and the
+/// request path ejects on the next failure.
+pub const HUNG_REPORTS: usize = 64;
 
 /// Why a connection to a peer could not be established.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -313,11 +326,15 @@ impl PeerPool {
             .map_err(|e| self.err(format!("HTTP/2 handshake: {e}")))?;
         let addr = self.addr.clone();
         let unresponsive = self.unresponsive.clone();
+        let hung = self.settings.hung.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 if e.is_timeout() {
                     tracing::warn!(endpoint = %addr, "peer stopped answering HTTP/2 PINGs; connection dropped");
                     unresponsive.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(tx) = hung {
+                        let _ = tx.try_send(addr);
+                    }
                 } else {
                     tracing::debug!(endpoint = %addr, error = %e, "peer connection closed");
                 }
