@@ -13,7 +13,11 @@
 # usage: cargo build --release && bench/callgrind.sh
 # env:   OUTRIGGER_BIN (default target/release/outrigger), REQUESTS (5000),
 #        CONNS (16), PROTO (h1 | h2: the client speaks h2c to A), OUT_DIR,
-#        UPSTREAM_BIN (built like bench/run.sh does if missing)
+#        UPSTREAM_BIN (built like bench/run.sh does if missing), CALLGRIND_FLAGS (extra
+#        valgrind options; scripts/hot-text.sh passes --demangle=no)
+#
+# Each sidecar leaves three dumps: .1 (start-up and warm-up), .2 (the measured requests)
+# and, once it has shut down, the final one (idle time and shutdown).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${OUTRIGGER_BENCH_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/outrigger-bench}"
@@ -88,7 +92,8 @@ local_port = $A
 TOML
 
 for hop in a b; do
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT_DIR/$hop.%p.out" \
+  # shellcheck disable=SC2086 # CALLGRIND_FLAGS is a list of options
+  RUST_LOG=warn valgrind --tool=callgrind ${CALLGRIND_FLAGS:-} --callgrind-out-file="$OUT_DIR/$hop.%p.out" \
     "$OUTRIGGER_BIN" run --config "$OUT_DIR/$hop.toml" >"$OUT_DIR/$hop.log" 2>&1 &
   pids+=($!)
   eval "PID_$hop=$!"
@@ -105,7 +110,8 @@ h2args=(-c "$CONNS" -m 1)
 [ "$PROTO" = h1 ] && h2args+=(--h1)
 say "warm-up"
 h2load "${h2args[@]}" -n 500 "http://127.0.0.1:$A/" >/dev/null
-for hop in a b; do callgrind_control -z "$(eval echo "\$PID_$hop")" >/dev/null; done
+# A dump also zeroes the counters; the start-up dump is kept for scripts/hot-text.sh.
+for hop in a b; do callgrind_control -d "$(eval echo "\$PID_$hop")" >/dev/null; done
 say "measuring $REQUESTS requests ($PROTO, $CONNS connections)"
 h2load "${h2args[@]}" -n "$REQUESTS" "http://127.0.0.1:$A/" >"$OUT_DIR/h2load.txt"
 grep -q "succeeded, 0 failed, 0 errored" "$OUT_DIR/h2load.txt" ||
@@ -117,7 +123,7 @@ sleep 1
 total=0
 for hop in a b; do
   pid="$(eval echo "\$PID_$hop")"
-  # The dump after the zeroing is the one with the highest part number.
+  # The measured dump is the one with the highest part number.
   dump="$(ls -1v "$OUT_DIR/$hop.$pid.out".* 2>/dev/null | tail -n 1)"
   [ -n "$dump" ] || die "no callgrind dump for hop $hop"
   ir="$(awk '/^summary:/ {print $2}' "$dump")"

@@ -2,7 +2,7 @@
 # THE test command: what CI runs (via .ci/run) and what the README tells contributors
 # to run before pushing. Each section stops the run on its first failure.
 #
-# Sections, in order: format, lint, supply chain, images, tests. The supply-chain
+# Sections, in order: format, lint, supply chain, images, layout, tests. The supply-chain
 # section runs scripts/audit.sh: cargo audit against the RustSec advisory database
 # at ADVISORY_DB (default ../shared/advisory-db), offline; it installs cargo-audit
 # the first time. The images section runs
@@ -64,6 +64,13 @@ if ((compose_mesh)); then
 else
     section "images: SKIPPED, CARGO_ARGS ($CARGO_ARGS) disables etcd, which the compose mesh needs"
     echo "The compose end-to-end test (integration/compose.rs) does not run in this mode."
+fi
+
+# The images section built the release binary; with the default features it must carry
+# link/hot-text.txt's layout (build.rs), or its RSS quietly grows back by ~2.5 MiB.
+if ((compose_mesh)) && [[ -z "${CARGO_ARGS:-}" ]]; then
+    section "layout: scripts/check-hot-text.sh (hot code first in .text)"
+    scripts/check-hot-text.sh
 fi
 
 section "test: cargo test${CARGO_ARGS:+ $CARGO_ARGS}"
