@@ -18,6 +18,8 @@
 //! not follow (HTTP/2, a malformed head or chunk that hyper rejects on its
 //! own, an oversized head) it stops looking instead of guessing.
 
+use std::mem::MaybeUninit;
+
 /// A head with ambiguous framing: why it is refused.
 pub type Ambiguity = &'static str;
 
@@ -152,9 +154,18 @@ impl Framing {
                         *self = Framing::Off;
                         return None;
                     }
-                    buf.extend_from_slice(&bytes[..end]);
-                    bytes = &bytes[end..];
-                    match classify(buf, limits.max_headers) {
+                    let (head, rest) = bytes.split_at(end);
+                    bytes = rest;
+                    // The usual case is a head that arrived in one read: it is
+                    // classified where it lies, not copied first (~0.3k
+                    // instructions per request at hop A, by callgrind).
+                    let next = if buf.is_empty() {
+                        classify(head, limits.max_headers)
+                    } else {
+                        buf.extend_from_slice(head);
+                        classify(buf, limits.max_headers)
+                    };
+                    match next {
                         Next::Ambiguous(why) => {
                             *self = Framing::Off;
                             return Some(why);
@@ -271,36 +282,40 @@ impl Chunk {
 /// How many bytes of `bytes` complete the head whose start is in `buf`: the
 /// head ends at an empty line (`\n\n` or `\n\r\n`, as httparse accepts).
 fn head_end(buf: &[u8], bytes: &[u8]) -> Option<usize> {
-    let tail = &buf[buf.len().saturating_sub(2)..];
-    let mut last = [0u8; 2];
-    let mut have = 0usize;
-    for &b in tail {
-        last = [last[1], b];
-        have += 1;
-    }
-    for (i, &b) in bytes.iter().enumerate() {
-        if b == b'\n' && have >= 1 && (last[1] == b'\n' || (have >= 2 && last == *b"\n\r")) {
-            return Some(i + 1);
-        }
-        last = [last[1], b];
-        have += 1;
-    }
-    None
+    // The byte `back` places before `bytes[i]`, reaching into what is
+    // buffered when the head was split across reads.
+    let before = |i: usize, back: usize| match i.checked_sub(back) {
+        Some(j) => Some(bytes[j]),
+        None => buf.len().checked_sub(back - i).map(|j| buf[j]),
+    };
+    // Only line feeds can end a head, so jump between them (memchr scans a
+    // word or a vector at a time; a byte-by-byte state machine here was
+    // ~0.5k instructions per request at hop A).
+    memchr::memchr_iter(b'\n', bytes)
+        .find(|&i| match before(i, 1) {
+            Some(b'\n') => true,
+            Some(b'\r') => before(i, 2) == Some(b'\n'),
+            _ => false,
+        })
+        .map(|i| i + 1)
 }
 
 /// Decide what a complete head means, the way a careful proxy must.
 fn classify(head: &[u8], max_headers: usize) -> Next {
     // The default limit (100) fits on the stack; only a raised one allocates.
-    let mut stack = [httparse::EMPTY_HEADER; 128];
+    // Uninitialized slots: initializing 128 empty headers (4 KiB) cost more
+    // than parsing a typical head does.
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
     let mut heap;
-    let fields: &mut [httparse::Header<'_>] = if max_headers <= stack.len() {
+    let fields: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= stack.len() {
         &mut stack[..max_headers]
     } else {
-        heap = vec![httparse::EMPTY_HEADER; max_headers];
+        heap = Vec::with_capacity(max_headers);
+        heap.resize_with(max_headers, MaybeUninit::uninit);
         &mut heap
     };
-    let mut req = httparse::Request::new(fields);
-    match req.parse(head) {
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, fields) {
         Ok(httparse::Status::Complete(_)) => {}
         // hyper refuses it on its own (400/431/501), or it is HTTP/2.
         _ => return Next::Unknown,
@@ -351,6 +366,28 @@ mod tests {
     fn feed_all(parts: &[&[u8]]) -> Option<Ambiguity> {
         let mut f = Framing::new(64 * 1024, 100);
         parts.iter().find_map(|p| f.feed(p))
+    }
+
+    #[test]
+    fn head_end_is_found_across_any_split_with_crlf_or_bare_lf() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"[..],
+            &b"GET / HTTP/1.1\nHost: b\n\n"[..],
+            &b"GET / HTTP/1.1\r\nHost: b\n\r\n"[..],
+        ] {
+            let mut stream = head.to_vec();
+            stream.extend_from_slice(b"BODY\r\n\r\n");
+            for split in 0..head.len() {
+                let (buf, bytes) = stream.split_at(split);
+                assert_eq!(
+                    head_end(buf, bytes),
+                    Some(head.len() - split),
+                    "{head:?} split at {split}"
+                );
+            }
+            // Not complete until its last byte has arrived.
+            assert_eq!(head_end(&head[..1], &head[1..head.len() - 1]), None);
+        }
     }
 
     #[test]
