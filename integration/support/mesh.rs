@@ -263,6 +263,13 @@ impl EtcdTrio {
         routed_instances(&self.a.routes_json().await, service)
     }
 
+    /// Whether a's table lists `instance` of `service` as ejected.
+    pub async fn is_ejected(&self, service: &str, instance: &str) -> bool {
+        self.endpoint(service, instance)
+            .await
+            .is_some_and(|e| e["state"] == "ejected")
+    }
+
     /// a's view of one endpoint (the `/routes` entry), if listed.
     pub async fn endpoint(&self, service: &str, instance: &str) -> Option<serde_json::Value> {
         let routes = self.a.routes_json().await;

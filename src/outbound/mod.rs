@@ -433,25 +433,18 @@ impl Outbound {
         policy: &UpstreamPolicy,
     ) {
         let now = Instant::now();
-        let may = balance::may_eject(&routes.endpoints, policy.outlier.max_ejection_percent, now);
         let ep = &routes.endpoints[index];
-        let (ejected, cause) = if ep.state.pool.take_unresponsive() {
+        if ep.state.pool.take_unresponsive() {
             ep.state.record_failure(kind, now, &policy.outlier, false);
-            (
-                ep.state.eject_now(now, &policy.outlier, may),
-                "ping-timeout",
-            )
-        } else {
+            self.eject_unresponsive(routes, index, now);
+            return;
+        }
+        let may = balance::may_eject(&routes.endpoints, policy.outlier.max_ejection_percent, now);
+        if let Some(time) = ep.state.record_failure(kind, now, &policy.outlier, may) {
             let cause = match kind {
                 Failure::Connect => "connect-failures",
                 Failure::Gateway => "gateway-failures",
             };
-            (
-                ep.state.record_failure(kind, now, &policy.outlier, may),
-                cause,
-            )
-        };
-        if let Some(time) = ejected {
             self.ejected(routes, ep, time, cause);
         }
     }
@@ -474,19 +467,21 @@ impl Outbound {
                 if let Some(i) =
                     found.filter(|&i| routes.endpoints[i].state.pool.take_unresponsive())
                 {
-                    let now = Instant::now();
-                    let policy = &routes.policy;
-                    let may = balance::may_eject(
-                        &routes.endpoints,
-                        policy.outlier.max_ejection_percent,
-                        now,
-                    );
-                    let ep = &routes.endpoints[i];
-                    if let Some(time) = ep.state.eject_now(now, &policy.outlier, may) {
-                        self.ejected(routes, ep, time, "ping-timeout");
-                    }
+                    self.eject_unresponsive(routes, i, Instant::now());
                 }
             }
+        }
+    }
+
+    /// Eject an endpoint the PING detector declared hung, whatever its
+    /// failure counts (within the pool's max-ejection share). The caller
+    /// has taken its `unresponsive` flag.
+    fn eject_unresponsive(&self, routes: &ServiceRoutes, index: usize, now: Instant) {
+        let outlier = &routes.policy.outlier;
+        let may = balance::may_eject(&routes.endpoints, outlier.max_ejection_percent, now);
+        let ep = &routes.endpoints[index];
+        if let Some(time) = ep.state.eject_now(now, outlier, may) {
+            self.ejected(routes, ep, time, "ping-timeout");
         }
     }
 
