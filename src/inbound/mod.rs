@@ -17,9 +17,7 @@ use std::sync::Arc;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::config::Config;
@@ -27,11 +25,12 @@ use crate::http::error::respond;
 use crate::http::headers::{self, CALLER, ORIG_PROTO};
 use crate::http::{Body, ProxyError};
 use crate::metrics::{Metrics, RequestMetrics};
-use crate::outbound::error_chain;
 use crate::tls::{PeerIdentity, Tls};
 
+mod local_h2;
 mod local_pool;
-use local_pool::{LocalPool, CONNECT_TIMEOUT, IDLE_TIMEOUT};
+use local_h2::LocalH2;
+use local_pool::LocalPool;
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +51,7 @@ pub struct Inbound {
     /// HTTP/1.1 keep-alive connections (most traffic).
     http1: Arc<LocalPool>,
     /// One multiplexed HTTP/2 connection (gRPC, h2c callers).
-    http2: Client<HttpConnector, Body>,
+    http2: LocalH2,
     /// mTLS: who may call (`tls.allow`); `None` for a plaintext mesh.
     tls: Option<Arc<Tls>>,
     /// Request series of the inbound and ingress listeners, resolved once.
@@ -65,22 +64,12 @@ pub struct Inbound {
 impl Inbound {
     /// Relay to the local service configured in `config`.
     pub fn new(config: &Config, metrics: Arc<Metrics>, tls: Option<Arc<Tls>>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let http2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
         let service: Arc<str> = config.service.name.as_str().into();
         Inbound {
             local: config.service.address.clone(),
             local_authority: Authority::try_from(config.service.address.as_str()).ok(),
             http1: LocalPool::new(config.service.address.clone()),
-            http2,
+            http2: LocalH2::new(config.service.address.clone()),
             tls,
             inbound_requests: metrics.request_metrics("inbound", &service),
             ingress_requests: metrics.request_metrics("ingress", &service),
@@ -202,13 +191,7 @@ impl Inbound {
             parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
             parts.version = Version::HTTP_2;
             let req = Request::from_parts(parts, Body::incoming(body));
-            self.http2.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    local_pool::connect_error(&self.local, error_chain(&e))
-                } else {
-                    local_pool::upstream_error(&self.local, &e)
-                }
-            })?
+            self.http2.send(req).await?
         };
         let (mut parts, body) = res.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);

@@ -1,0 +1,235 @@
+//! One multiplexed HTTP/2 (h2c) connection to the local service, for callers
+//! that spoke HTTP/2 themselves (gRPC, h2c clients).
+//!
+//! hyper-util's pooled `Client` did this job before, as it did for
+//! HTTP/1.1 (see `local_pool`): per request it hashed a pool key, took the
+//! pool's lock to find the shared connection, wrapped the sender in a
+//! pooled handle and rewrote the URI. There is one local service and one
+//! connection here, so a request only needs a clone of the connection's
+//! sender.
+//!
+//! The connection is opened by the first request that needs it, and only
+//! once however many requests arrive together: the others wait for that
+//! connect instead of racing their own. A connection the service closed is
+//! noticed (`is_closed`) by the next request, which opens a new one; a
+//! request that a closing connection handed back unsent is tried once more
+//! on a fresh connection, whatever its method, since nothing of it reached
+//! the service.
+
+use std::sync::Mutex;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::local_pool::{connect_error, dial, upstream_error};
+use crate::http::{Body, ProxyError};
+use crate::outbound::error_chain;
+
+/// The HTTP/2 connection to the local service at one address.
+pub struct LocalH2 {
+    address: String,
+    /// The open connection's sender; `None` before the first request.
+    /// Held only to clone or replace the sender.
+    sender: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Held while a connection is being opened, so that a burst of requests
+    /// opens one connection, not one each.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl LocalH2 {
+    /// A connection slot for the service at `address` (`host:port`).
+    pub fn new(address: String) -> Self {
+        LocalH2 {
+            address,
+            sender: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Send `req` (absolute URI, HTTP/2) and return the response head.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+        let mut fresh = false;
+        loop {
+            let mut sender = match self.current() {
+                Some(sender) => sender,
+                None => {
+                    fresh = true;
+                    self.connect().await?
+                }
+            };
+            match sender.try_send_request(req).await {
+                Ok(res) => return Ok(res),
+                Err(mut e) => match e.take_message() {
+                    // Handed back unsent: the connection was closing. One
+                    // more try, on a connection opened for it.
+                    Some(unsent) if !fresh => {
+                        fresh = true;
+                        req = unsent;
+                    }
+                    _ => return Err(upstream_error(&self.address, e.error())),
+                },
+            }
+        }
+    }
+
+    /// A clone of the open connection's sender, if it is still open. A
+    /// closed one stays stored until `connect` replaces it.
+    fn current(&self) -> Option<http2::SendRequest<Body>> {
+        let slot = self.sender.lock().ok()?;
+        slot.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    async fn connect(&self) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let _connecting = self.connecting.lock().await;
+        // Whoever held the lock before may have connected already.
+        if let Some(sender) = self.current() {
+            return Ok(sender);
+        }
+        let stream = dial(&self.address).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_error(&self.address, error_chain(&e)))?;
+        let address = self.address.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(address = %address, error = %e, "local service HTTP/2 connection ended");
+            }
+        });
+        if let Ok(mut slot) = self.sender.lock() {
+            *slot = Some(sender.clone());
+        }
+        Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    /// An h2c server (hyper's) on a free loopback port that answers "ok",
+    /// counts the connections it accepts, and closes each connection
+    /// gracefully (GOAWAY) after `per_connection` requests, if given.
+    async fn h2_server(per_connection: Option<usize>) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let served = Arc::new(AtomicUsize::new(0));
+                    let (done_tx, done) = tokio::sync::watch::channel(false);
+                    let counter = served.clone();
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                        if per_connection.is_some_and(|limit| n >= limit) {
+                            let _ = done_tx.send(true);
+                        }
+                        async {
+                            Ok::<_, std::convert::Infallible>(Response::new(
+                                http_body_util::Full::new(Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    let mut done = done;
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = async { let _ = done.wait_for(|d| *d).await; } => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(addr: &str) -> Request<Body> {
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = format!("http://{addr}/").parse().unwrap();
+        *req.version_mut() = http::Version::HTTP_2;
+        req
+    }
+
+    async fn body_text(res: Response<Incoming>) -> Bytes {
+        res.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let (addr, accepted) = h2_server(None).await;
+        let local = LocalH2::new(addr.clone());
+        for _ in 0..20 {
+            let res = local.send(get(&addr)).await.unwrap();
+            assert_eq!(res.version(), http::Version::HTTP_2);
+            assert_eq!(body_text(res).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_burst_before_the_first_connection_opens_only_one() {
+        let (addr, accepted) = h2_server(None).await;
+        let local = Arc::new(LocalH2::new(addr.clone()));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (local, addr) = (local.clone(), addr.clone());
+                tokio::spawn(async move { body_text(local.send(get(&addr)).await.unwrap()).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_service_closes_is_replaced() {
+        // Every connection is shut down after one request: each request
+        // after the first must notice and open a new one.
+        let (addr, accepted) = h2_server(Some(1)).await;
+        let local = LocalH2::new(addr.clone());
+        for i in 1..=3 {
+            let res = local.send(get(&addr)).await.unwrap();
+            assert_eq!(body_text(res).await, "ok");
+            // Wait for the GOAWAY to close the sender, so the next request
+            // finds it closed rather than racing the shutdown.
+            let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                while local.current().is_some() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+            assert!(closed.is_ok(), "connection {i} never closed");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_service_that_is_not_listening_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let local = LocalH2::new(addr.clone());
+        match local.send(get(&addr)).await {
+            Err(ProxyError::LocalConnect { address, .. }) => assert_eq!(address, addr),
+            other => panic!("expected LocalConnect, got {other:?}"),
+        }
+    }
+}
