@@ -9,6 +9,7 @@ pub mod framing;
 pub mod headers;
 pub mod server;
 pub mod upgrade;
+pub mod woken;
 
 pub use body::Body;
 pub use error::ProxyError;

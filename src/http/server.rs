@@ -43,6 +43,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::conn_guard::{ConnGuard, GuardedIo};
 use super::error::respond;
+use super::woken::Woken;
 use super::{Body, ProxyError};
 use crate::config::Limits;
 use crate::tls::{PeerIdentity, Tls, HANDSHAKE_TIMEOUT};
@@ -327,8 +328,18 @@ impl Conn {
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         let mut conn = std::pin::pin!(conn);
-        let idle = idle_guard.idle(idle_timeout);
-        let mut idle = std::pin::pin!(idle);
+        // Resolves to `true` when the connection has idled out, `false` when
+        // the listener drains. Wrapped in `Woken` so that the task's many
+        // wake-ups for the connection do not poll the timer and the watch
+        // channel each time (see `woken`).
+        let closer = Woken::new(async move {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut drain) => false,
+                _ = idle_guard.idle(idle_timeout) => true,
+            }
+        });
+        let mut closer = std::pin::pin!(closer);
         // Graceful shutdown (HTTP/1: close once the current response is
         // done, or now if between requests; HTTP/2: GOAWAY, then close once
         // the open streams finish), for an idle connection or on drain,
@@ -336,13 +347,13 @@ impl Conn {
         let mut closing = false;
         let ended = loop {
             tokio::select! {
+                // The connection first: it is what nearly every wake-up is for.
+                biased;
                 ended = conn.as_mut() => break ended,
-                _ = idle.as_mut(), if !closing => {
-                    tracing::debug!(listener = name, peer = %remote, "closing idle connection");
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = stopped(&mut drain), if !closing => {
+                idle = closer.as_mut(), if !closing => {
+                    if idle {
+                        tracing::debug!(listener = name, peer = %remote, "closing idle connection");
+                    }
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
