@@ -11,6 +11,8 @@
 # per-request cost of each hop, start-up and connection set-up excluded.
 #
 # usage: cargo build --release && bench/callgrind.sh
+#        CONTENDER=haproxy bench/callgrind.sh   # the same chain through HAProxy (the
+#        harness's configuration: nbthread 1, http-reuse always), for a baseline
 # env:   OUTRIGGER_BIN (default target/release/outrigger), REQUESTS (5000),
 #        CONNS (16), PROTO (h1 | h2: the client speaks h2c to A), OUT_DIR,
 #        UPSTREAM_BIN (built like bench/run.sh does if missing), CALLGRIND_FLAGS (extra
@@ -33,10 +35,17 @@ OUT_DIR="${OUT_DIR:-$(mktemp -d /tmp/outrigger-callgrind.XXXXXX)}"
 say() { echo "[callgrind] $*" >&2; }
 die() { echo "[callgrind] ERROR: $*" >&2; exit 1; }
 
+CONTENDER="${CONTENDER:-outrigger}"
+case "$CONTENDER" in outrigger | haproxy) ;; *) die "CONTENDER must be outrigger or haproxy" ;; esac
 for tool in valgrind callgrind_control h2load curl; do
   command -v "$tool" >/dev/null || die "$tool missing: apt-get install valgrind nghttp2-client curl"
 done
-[ -x "$OUTRIGGER_BIN" ] || die "no binary at $OUTRIGGER_BIN: cargo build --release"
+if [ "$CONTENDER" = haproxy ]; then
+  HAPROXY_BIN="${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}"
+  [ -x "$HAPROXY_BIN" ] || die "haproxy missing: apt-get install haproxy"
+else
+  [ -x "$OUTRIGGER_BIN" ] || die "no binary at $OUTRIGGER_BIN: cargo build --release"
+fi
 if [ ! -x "$UPSTREAM_BIN" ]; then
   say "building the upstream into $STATE/upstream-target"
   cargo build --quiet --release --locked --manifest-path "$UPSTREAM_SRC/Cargo.toml" \
@@ -91,16 +100,49 @@ name = "bench"
 local_port = $A
 TOML
 
+# HAProxy's hops, configured as ../shared/bench/contenders/haproxy.sh does.
+haproxy_cfg() { # LISTEN NEXT [BIND_OPTS]
+  cat <<CFG
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend hop
+    bind 127.0.0.1:$1 ${3:-}
+    default_backend next_hop
+backend next_hop
+    server s1 127.0.0.1:$2
+CFG
+}
+a_bind=""
+[ "$PROTO" = h2 ] && a_bind="proto h2" # the client speaks h2c to hop A
+haproxy_cfg "$A" "$B" "$a_bind" >"$OUT_DIR/a.cfg"
+haproxy_cfg "$B" "$UP" >"$OUT_DIR/b.cfg"
+
 for hop in a b; do
+  if [ "$CONTENDER" = haproxy ]; then
+    cmd=("$HAPROXY_BIN" -db -f "$OUT_DIR/$hop.cfg")
+  else
+    cmd=("$OUTRIGGER_BIN" run --config "$OUT_DIR/$hop.toml")
+  fi
   # shellcheck disable=SC2086 # CALLGRIND_FLAGS is a list of options
   RUST_LOG=warn valgrind --tool=callgrind ${CALLGRIND_FLAGS:-} --callgrind-out-file="$OUT_DIR/$hop.%p.out" \
-    "$OUTRIGGER_BIN" run --config "$OUT_DIR/$hop.toml" >"$OUT_DIR/$hop.log" 2>&1 &
+    "${cmd[@]}" >"$OUT_DIR/$hop.log" 2>&1 &
   pids+=($!)
   eval "PID_$hop=$!"
 done
 
+curl_proto=()
+[ "$PROTO" = h2 ] && curl_proto=(--http2-prior-knowledge) # HAProxy's hop A then speaks only h2c
 for _ in $(seq 1 300); do
-  body="$(curl -s -m 5 "http://127.0.0.1:$A/" || true)"
+  body="$(curl -s -m 5 "${curl_proto[@]}" "http://127.0.0.1:$A/" || true)"
   case "$body" in *'"ok":true'*) break ;; esac
   sleep 0.2
 done
