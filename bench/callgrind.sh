@@ -100,43 +100,45 @@ name = "bench"
 local_port = $A
 TOML
 
-# HAProxy's hops, configured as ../shared/bench/contenders/haproxy.sh does.
-haproxy_cfg() { # LISTEN NEXT [BIND_OPTS]
-  cat <<CFG
-global
-    nbthread 1
-    maxconn 8000
-defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-frontend hop
-    bind 127.0.0.1:$1 ${3:-}
-    default_backend next_hop
-backend next_hop
-    server s1 127.0.0.1:$2
-CFG
-}
-a_bind=""
-[ "$PROTO" = h2 ] && a_bind="proto h2" # the client speaks h2c to hop A
-haproxy_cfg "$A" "$B" "$a_bind" >"$OUT_DIR/a.cfg"
-haproxy_cfg "$B" "$UP" >"$OUT_DIR/b.cfg"
+# HAProxy's hops are started by the shared harness's own adapter, so they run
+# exactly the configuration the harness measures. The adapter runs
+# "$HAPROXY_BIN"; a wrapper puts the serving process (-db) under callgrind and
+# leaves the adapter's configuration check alone.
+HAPROXY_ADAPTER="$ROOT/../shared/bench/contenders/haproxy.sh"
+if [ "$CONTENDER" = haproxy ]; then
+  [ -x "$HAPROXY_ADAPTER" ] || die "no HAProxy adapter at $HAPROXY_ADAPTER (the shared bench harness)"
+  cat >"$OUT_DIR/haproxy-under-callgrind" <<SH
+#!/bin/sh
+case " \$* " in
+  *" -db "*) exec valgrind --tool=callgrind ${CALLGRIND_FLAGS:-} --callgrind-out-file="\$CALLGRIND_OUT" "$HAPROXY_BIN" "\$@" ;;
+esac
+exec "$HAPROXY_BIN" "\$@"
+SH
+  chmod +x "$OUT_DIR/haproxy-under-callgrind"
+fi
 
 for hop in a b; do
   if [ "$CONTENDER" = haproxy ]; then
-    cmd=("$HAPROXY_BIN" -db -f "$OUT_DIR/$hop.cfg")
+    if [ "$hop" = a ]; then
+      role=outbound listen=$A next=$B admin=$((BASE + 3))
+    else
+      role=inbound listen=$B next=$UP admin=$((BASE + 4))
+    fi
+    mkdir -p "$OUT_DIR/haproxy-$hop"
+    # BENCH_PROTO=h2 makes the adapter bind hop A with "proto h2", as the harness does.
+    CALLGRIND_OUT="$OUT_DIR/$hop.%p.out" HAPROXY_BIN="$OUT_DIR/haproxy-under-callgrind" \
+      BENCH_PROTO="$PROTO" "$HAPROXY_ADAPTER" start "$role" "$listen" "$next" "$admin" \
+      "$OUT_DIR/haproxy-$hop"
+    pid="$(head -n 1 "$OUT_DIR/haproxy-$hop/pids")"
+    ln -sf "haproxy-$hop/stdout.log" "$OUT_DIR/$hop.log"
   else
-    cmd=("$OUTRIGGER_BIN" run --config "$OUT_DIR/$hop.toml")
+    # shellcheck disable=SC2086 # CALLGRIND_FLAGS is a list of options
+    RUST_LOG=warn valgrind --tool=callgrind ${CALLGRIND_FLAGS:-} --callgrind-out-file="$OUT_DIR/$hop.%p.out" \
+      "$OUTRIGGER_BIN" run --config "$OUT_DIR/$hop.toml" >"$OUT_DIR/$hop.log" 2>&1 &
+    pid=$!
   fi
-  # shellcheck disable=SC2086 # CALLGRIND_FLAGS is a list of options
-  RUST_LOG=warn valgrind --tool=callgrind ${CALLGRIND_FLAGS:-} --callgrind-out-file="$OUT_DIR/$hop.%p.out" \
-    "${cmd[@]}" >"$OUT_DIR/$hop.log" 2>&1 &
-  pids+=($!)
-  eval "PID_$hop=$!"
+  pids+=("$pid")
+  eval "PID_$hop=$pid"
 done
 
 curl_proto=()
