@@ -30,6 +30,7 @@ use crate::http::server;
 use crate::inbound::{Direction, Inbound};
 use crate::metrics::Metrics;
 use crate::outbound::dial::PLAINTEXT_PROTOCOL;
+use crate::outbound::h1_pool::DEFAULT_IDLE_EXPIRY;
 use crate::outbound::pool::{PoolSettings, HUNG_REPORTS};
 use crate::outbound::Outbound;
 use crate::registry::{self, EndpointRecord, RegistryError, UpdateTx};
@@ -120,6 +121,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Arc::new(PoolSettings {
             tls: tls.clone(),
             hung: Some(hung_tx),
+            // Peers normally share our limits: expire idle HTTP/1.1
+            // connections at half their idle timeout at the latest.
+            h1_idle_expiry: DEFAULT_IDLE_EXPIRY.min(config.limits.idle_connection_timeout / 2),
         }),
         metrics.clone(),
         table.clone(),

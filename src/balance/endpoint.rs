@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::ewma::PeakEwma;
 use crate::config::OutlierConfig;
+use crate::outbound::h1_pool::H1Sender;
 use crate::outbound::pool::PeerPool;
 
 /// What went wrong with one try, for outlier detection.
@@ -77,6 +78,10 @@ pub struct EndpointStats {
 #[derive(Debug)]
 pub struct LoadGuard {
     state: Arc<EndpointState>,
+    /// The HTTP/1.1 connection the request went over, given back to the
+    /// endpoint's pool when the response ends: only then can it carry the
+    /// next request.
+    h1: Option<H1Sender>,
 }
 
 // === impl EndpointState ===
@@ -105,6 +110,7 @@ impl EndpointState {
         self.requests.fetch_add(1, Ordering::Relaxed);
         LoadGuard {
             state: self.clone(),
+            h1: None,
         }
     }
 
@@ -246,6 +252,12 @@ impl EndpointState {
 // === impl LoadGuard ===
 
 impl LoadGuard {
+    /// Give `sender` back to the endpoint's pool when the guard drops.
+    pub fn with_h1(mut self, sender: H1Sender) -> Self {
+        self.h1 = Some(sender);
+        self
+    }
+
     /// The response body failed mid-stream (reset after headers).
     pub fn body_failed(self) {
         self.state.failures.fetch_add(1, Ordering::Relaxed);
@@ -255,6 +267,9 @@ impl LoadGuard {
 impl Drop for LoadGuard {
     fn drop(&mut self) {
         self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(sender) = self.h1.take() {
+            self.state.pool.put_h1(sender);
+        }
     }
 }
 

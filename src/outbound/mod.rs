@@ -14,6 +14,7 @@
 //!    [`crate::http::error::respond`].
 
 pub mod dial;
+pub mod h1_pool;
 pub mod pool;
 pub mod retry;
 pub mod route;
@@ -35,6 +36,7 @@ use crate::http::error::respond;
 use crate::http::headers::{self, CALLER, ORIG_PROTO};
 use crate::http::{Body, ProxyError};
 use crate::metrics::{Metrics, RequestMetrics};
+use pool::H1Route;
 use retry::{ReqBody, Tried};
 
 /// Label used for requests to services not in the table, so a caller
@@ -166,12 +168,8 @@ impl Outbound {
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         headers::append_forwarded_for(&mut parts.headers, remote.ip());
         parts.headers.insert(CALLER, self.caller.clone());
+        // Set by us alone (see `as_h2`), never passed on from a client.
         parts.headers.remove(ORIG_PROTO);
-        if parts.version != Version::HTTP_2 {
-            parts
-                .headers
-                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-        }
         let deadline = start + policy.timeout;
 
         if let Some(client_upgrade) = client_upgrade {
@@ -189,10 +187,17 @@ impl Outbound {
             .await;
         }
 
-        parts.uri = absolute_uri(&parts, service)?;
-        parts.version = Version::HTTP_2;
-        // Over HTTP/2 the authority travels as :authority.
-        parts.headers.remove(http::header::HOST);
+        // HTTP/1.1 stays HTTP/1.1 between the sidecars, on a pooled
+        // connection ([`h1_pool`]); HTTP/2 (gRPC, h2c) is multiplexed.
+        let use_h1 = parts.version != Version::HTTP_2;
+        if use_h1 {
+            ensure_host(&mut parts, service)?;
+            parts.version = Version::HTTP_11;
+        } else {
+            parts.uri = absolute_uri(&parts, service)?;
+            // Over HTTP/2 the authority travels as :authority.
+            parts.headers.remove(http::header::HOST);
+        }
 
         let idempotent = retry::is_idempotent(&parts.method, &parts.headers);
         // An empty body (most GETs) needs no reading, and so no timer.
@@ -228,6 +233,10 @@ impl Outbound {
         let mut tried = Tried::default();
         let mut retries = 0u32;
         let mut pending: Option<Request<Body>> = None;
+        // Pooled HTTP/1.1 connections found closed as a request was handed
+        // to them (the peer closed them an instant before): retried on the
+        // same endpoint without counting against it, a few times at most.
+        let mut stale_h1 = 0u8;
         let mut last_err: Option<ProxyError> = None;
         // The last retryable 5xx: returned as-is when no endpoint is left,
         // so the caller sees the upstream's own answer, not ours.
@@ -272,15 +281,28 @@ impl Outbound {
             // The pooled connection is taken without an await; the connect
             // path is boxed so its large future (TCP, TLS, HTTP/2 handshake)
             // is not carried inline by every request's future.
-            let sender = match ep.state.pool.ready() {
-                Some(s) => Ok(Ok(s)),
-                None => {
-                    tokio::time::timeout_at(
+            let pool = &ep.state.pool;
+            let route = match use_h1 {
+                true => pool.h1_route(),
+                false => H1Route::NeedH2,
+            };
+            let sender = match route {
+                H1Route::Idle(s) => Ok(Ok(PeerSender::H1(s))),
+                H1Route::Dial(slot) => tokio::time::timeout_at(
+                    deadline,
+                    Box::pin(pool.dial_h1(slot, policy.connect_timeout)),
+                )
+                .await
+                .map(|r| r.map(PeerSender::H1)),
+                H1Route::NeedH2 => match pool.ready() {
+                    Some(s) => Ok(Ok(PeerSender::H2(s))),
+                    None => tokio::time::timeout_at(
                         deadline,
-                        Box::pin(ep.state.pool.get(policy.connect_timeout)),
+                        Box::pin(pool.get(policy.connect_timeout)),
                     )
                     .await
-                }
+                    .map(|r| r.map(PeerSender::H2)),
+                },
             };
             let mut sender = match sender {
                 Err(_) => return Err(self.timeout(service, policy)),
@@ -309,76 +331,102 @@ impl Outbound {
                     }
                 },
             };
+            // A request goes out in the form of the connection it got: an
+            // HTTP/1.1 request over HTTP/2 while that connection is being
+            // (re)made, and back if it was refused there unsent.
+            let request = match (&sender, request.version() == Version::HTTP_2) {
+                (PeerSender::H2(_), false) => as_h2(request, service)?,
+                (PeerSender::H1(_), true) => as_h1(request),
+                _ => request,
+            };
             let guard = ep.state.start();
             let sent_at = Instant::now();
             let try_deadline = match policy.per_try_timeout {
                 Some(t) => deadline.min(sent_at + t),
                 None => deadline,
             };
-            let outcome =
-                match tokio::time::timeout_at(try_deadline, sender.try_send_request(request)).await
-                {
-                    Ok(Ok(res)) => {
-                        let status = res.status();
-                        if status.is_server_error() {
-                            self.record_failure(routes, pick.index, Failure::Gateway, policy);
-                        } else {
-                            ep.state.record_success(sent_at.elapsed(), Instant::now());
-                        }
-                        if retry::is_retryable_status(status)
-                            && idempotent
-                            && matches!(body, ReqBody::Kept(_))
-                            && tried.len() < routes.endpoints.len()
-                            && self.may_retry(routes, retries, policy)
-                        {
-                            TryOutcome::RetryableResponse(into_response(
-                                res,
-                                guard,
-                                policy.idle_timeout,
-                            ))
-                        } else {
-                            TryOutcome::Response(into_response(res, guard, policy.idle_timeout))
-                        }
+            let sent =
+                tokio::time::timeout_at(try_deadline, sender.try_send_request(request)).await;
+            let outcome = match sent {
+                Ok(Ok(res)) => {
+                    // The connection goes back to the pool when the
+                    // response body ends.
+                    let guard = match sender {
+                        PeerSender::H1(s) => guard.with_h1(s),
+                        PeerSender::H2(_) => guard,
+                    };
+                    let status = res.status();
+                    if status.is_server_error() {
+                        self.record_failure(routes, pick.index, Failure::Gateway, policy);
+                    } else {
+                        ep.state.record_success(sent_at.elapsed(), Instant::now());
                     }
-                    Ok(Err(mut e)) => {
-                        if let Some(unsent) = e.take_message() {
-                            // Refused before any byte left: safe for any method.
-                            ep.state.pool.invalidate();
-                            self.record_failure(routes, pick.index, Failure::Connect, policy);
+                    if retry::is_retryable_status(status)
+                        && idempotent
+                        && matches!(body, ReqBody::Kept(_))
+                        && tried.len() < routes.endpoints.len()
+                        && self.may_retry(routes, retries, policy)
+                    {
+                        TryOutcome::RetryableResponse(into_response(
+                            res,
+                            guard,
+                            policy.idle_timeout,
+                        ))
+                    } else {
+                        TryOutcome::Response(into_response(res, guard, policy.idle_timeout))
+                    }
+                }
+                Ok(Err(mut e)) => {
+                    let h1 = matches!(sender, PeerSender::H1(_));
+                    if let Some(unsent) = e.take_message() {
+                        // Refused before any byte left: safe for any method.
+                        if h1 && stale_h1 < MAX_STALE_H1 {
+                            stale_h1 += 1;
+                            tracing::debug!(request_id = ?request_id, endpoint = %ep.state.addr, error = %e.error(), "pooled HTTP/1.1 connection closed; trying again");
+                            tried.pop();
                             pending = Some(unsent);
-                            last_err = Some(ProxyError::Connect {
-                                service: service.to_string(),
-                                endpoint: ep.state.addr.to_string(),
-                                message: e.error().to_string(),
-                            });
                             continue;
                         }
-                        let e = e.into_error();
-                        ep.state.pool.note_request_error(&e);
-                        self.record_failure(routes, pick.index, Failure::Gateway, policy);
-                        if e.is_closed() || e.is_canceled() {
+                        if !h1 {
                             ep.state.pool.invalidate();
                         }
-                        let err = ProxyError::Upstream {
+                        self.record_failure(routes, pick.index, Failure::Connect, policy);
+                        pending = Some(unsent);
+                        last_err = Some(ProxyError::Connect {
                             service: service.to_string(),
                             endpoint: ep.state.addr.to_string(),
-                            message: error_chain(&e),
-                        };
-                        let retry_ok = idempotent
-                            && matches!(body, ReqBody::Kept(_))
-                            && self.may_retry(routes, retries, policy);
-                        TryOutcome::Failed { err, retry_ok }
+                            message: e.error().to_string(),
+                        });
+                        continue;
                     }
-                    Err(_) => {
-                        self.record_failure(routes, pick.index, Failure::Gateway, policy);
-                        let err = self.timeout(service, policy);
-                        let retry_ok = Instant::now() < deadline
-                            && idempotent
-                            && matches!(body, ReqBody::Kept(_))
-                            && self.may_retry(routes, retries, policy);
-                        TryOutcome::Failed { err, retry_ok }
+                    let e = e.into_error();
+                    ep.state.pool.note_request_error(&e);
+                    self.record_failure(routes, pick.index, Failure::Gateway, policy);
+                    // A broken HTTP/1.1 connection is simply not
+                    // returned; the HTTP/2 one may be fine.
+                    if !h1 && (e.is_closed() || e.is_canceled()) {
+                        ep.state.pool.invalidate();
                     }
-                };
+                    let err = ProxyError::Upstream {
+                        service: service.to_string(),
+                        endpoint: ep.state.addr.to_string(),
+                        message: error_chain(&e),
+                    };
+                    let retry_ok = idempotent
+                        && matches!(body, ReqBody::Kept(_))
+                        && self.may_retry(routes, retries, policy);
+                    TryOutcome::Failed { err, retry_ok }
+                }
+                Err(_) => {
+                    self.record_failure(routes, pick.index, Failure::Gateway, policy);
+                    let err = self.timeout(service, policy);
+                    let retry_ok = Instant::now() < deadline
+                        && idempotent
+                        && matches!(body, ReqBody::Kept(_))
+                        && self.may_retry(routes, retries, policy);
+                    TryOutcome::Failed { err, retry_ok }
+                }
+            };
             match outcome {
                 TryOutcome::Response(res) => return Ok(res),
                 TryOutcome::RetryableResponse(res) => {
@@ -656,6 +704,72 @@ fn into_response(
         .with_guard(guard)
         .with_idle_timeout(idle);
     Response::from_parts(parts, body)
+}
+
+/// A connection to a peer, of either kind ([`pool`]).
+enum PeerSender {
+    H1(h1_pool::H1Sender),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+impl PeerSender {
+    async fn try_send_request(
+        &mut self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+        match self {
+            PeerSender::H1(s) => s.try_send_request(req).await,
+            PeerSender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+}
+
+/// An HTTP/1.1 request in HTTP/2's form: the authority in the URI, not in
+/// Host, and the original protocol named so the peer speaks HTTP/1.1 to its
+/// service.
+fn as_h2(req: Request<Body>, service: &str) -> Result<Request<Body>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = absolute_uri(&parts, service)?;
+    parts.headers.remove(http::header::HOST);
+    parts
+        .headers
+        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    parts.version = Version::HTTP_2;
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The reverse of [`as_h2`]; the absolute URI is valid HTTP/1.1 too.
+fn as_h1(req: Request<Body>) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(http::header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+    }
+    parts.headers.remove(ORIG_PROTO);
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body)
+}
+
+/// How many closed pooled HTTP/1.1 connections one request may run into
+/// before it counts as a connect failure of the endpoint.
+const MAX_STALE_H1: u8 = 2;
+
+/// Give an HTTP/1.1 request the Host header HTTP/1.1 requires: from its
+/// absolute URI, else the service name. A client's own Host is kept.
+fn ensure_host(parts: &mut http::request::Parts, service: &str) -> Result<(), ProxyError> {
+    if parts.headers.contains_key(http::header::HOST) {
+        return Ok(());
+    }
+    let host = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()),
+        None => HeaderValue::from_str(service),
+    }
+    .map_err(|_| ProxyError::BadTarget(service.to_string()))?;
+    parts.headers.insert(http::header::HOST, host);
+    Ok(())
 }
 
 /// hyper's errors keep the useful part in their source chain.

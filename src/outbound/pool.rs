@@ -14,6 +14,11 @@
 //!   requests in flight on it (so idempotent ones are retried elsewhere)
 //!   instead of letting them hang until the overall timeout.
 //!
+//! Requests that arrived as HTTP/1.1 travel over pooled HTTP/1.1
+//! connections instead ([`super::h1_pool`]), which are used only while the
+//! HTTP/2 connection is live and are closed when its PINGs go unanswered:
+//! the HTTP/2 connection stays the peer's failure detector.
+//!
 //! Upgrades (WebSocket) need an HTTP/1.1 connection of their own, which is
 //! made per request and never pooled (an upgraded connection is consumed).
 //!
@@ -34,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::dial::{self, PeerStream, PeerTls};
+use super::h1_pool::{H1Pool, H1Sender, OpenConn, DEFAULT_IDLE_EXPIRY};
 use crate::http::Body;
 use crate::tls::Tls;
 
@@ -53,8 +59,25 @@ const CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
 /// long instead of each waiting out its own connect timeout.
 const FAILED_CONNECT_MEMORY: Duration = Duration::from_millis(250);
 
+/// How a request that arrived as HTTP/1.1 goes to a peer.
+#[derive(Debug)]
+pub enum H1Route {
+    /// On this idle pooled HTTP/1.1 connection.
+    Idle(H1Sender),
+    /// On a new HTTP/1.1 connection ([`PeerPool::dial_h1`]), which has its
+    /// place under the cap: the HTTP/2 connection is live, no HTTP/1.1 one
+    /// is idle.
+    Dial(OpenConn),
+    /// Over HTTP/2 ([`PeerPool::get`] connects it if needed): all
+    /// HTTP/1.1 connections the cap allows are busy, or the HTTP/2
+    /// connection is not live. HTTP/1.1 is used only while it is, and a new
+    /// HTTP/2 connection must carry a request: the peer closes one that
+    /// brings no first request within its header read timeout.
+    NeedH2,
+}
+
 /// Settings shared by all peer pools.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PoolSettings {
     /// Our mTLS state; `None` when `[tls]` is not configured.
     pub tls: Option<Arc<Tls>>,
@@ -66,6 +89,20 @@ pub struct PoolSettings {
     /// whose latency estimate is above its peers'. `None` in detached pools
     /// and unit tests; the request path still ejects on its next failure.
     pub hung: Option<mpsc::Sender<Arc<str>>>,
+    /// How long a pooled HTTP/1.1 connection may sit idle: shorter than the
+    /// peers' `idle_connection_timeout`, so that we, not the peer, close it
+    /// ([`super::h1_pool`]).
+    pub h1_idle_expiry: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            tls: None,
+            hung: None,
+            h1_idle_expiry: DEFAULT_IDLE_EXPIRY,
+        }
+    }
 }
 
 /// Room for PING-timeout reports in flight to the ejector. A full channel
@@ -83,7 +120,8 @@ pub struct ConnectError {
     pub message: String,
 }
 
-/// The pool of one endpoint: one multiplexed HTTP/2 connection.
+/// The pool of one endpoint: one multiplexed HTTP/2 connection, and the
+/// HTTP/1.1 connections that carry requests which arrived as HTTP/1.1.
 #[derive(Debug)]
 pub struct PeerPool {
     addr: Arc<str>,
@@ -100,6 +138,9 @@ pub struct PeerPool {
     /// Set when a connection died of an unanswered PING: the peer is hung,
     /// not merely slow. Taken by the request path, which ejects at once.
     unresponsive: Arc<std::sync::atomic::AtomicBool>,
+    /// Shared with the HTTP/2 connection's task, which closes these
+    /// connections when the peer stops answering PINGs.
+    h1: Arc<H1Pool>,
 }
 
 // === impl PeerPool ===
@@ -115,12 +156,13 @@ impl PeerPool {
     pub fn for_peer(addr: Arc<str>, settings: Arc<PoolSettings>, peer: Option<PeerTls>) -> Self {
         PeerPool {
             addr,
-            settings,
             peer,
             ready: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             last_failure: Mutex::new(None),
             unresponsive: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            h1: Arc::new(H1Pool::new(settings.h1_idle_expiry)),
+            settings,
         }
     }
 
@@ -199,6 +241,48 @@ impl PeerPool {
         self.ready_sender().is_some()
     }
 
+    /// How a request that arrived as HTTP/1.1 should go to this peer,
+    /// decided without waiting.
+    pub fn h1_route(&self) -> H1Route {
+        if !self.h2_live() {
+            return H1Route::NeedH2;
+        }
+        match self.h1.take(Instant::now()) {
+            Some(s) => H1Route::Idle(s),
+            None => match self.h1.reserve() {
+                Some(slot) => H1Route::Dial(slot),
+                None => H1Route::NeedH2,
+            },
+        }
+    }
+
+    /// A new HTTP/1.1 connection to the peer. Give it
+    /// back with [`PeerPool::put_h1`] once the response has ended.
+    pub async fn dial_h1(
+        &self,
+        slot: OpenConn,
+        connect_timeout: Duration,
+    ) -> Result<H1Sender, ConnectError> {
+        let started = Instant::now();
+        let stream = self.dial(connect_timeout, false, started).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.err(format!("HTTP/1.1 handshake: {e}")))?;
+        self.h1.spawn(conn, self.addr.clone(), slot);
+        Ok(sender)
+    }
+
+    /// Return an HTTP/1.1 connection whose response has ended.
+    pub fn put_h1(&self, sender: H1Sender) {
+        self.h1.put(sender, Instant::now());
+    }
+
+    /// Idle pooled HTTP/1.1 connections (for tests).
+    pub fn idle_h1(&self) -> usize {
+        self.h1.idle_len()
+    }
+
     /// A fresh HTTP/1.1 connection for an upgrade request.
     pub async fn connect_http1(
         &self,
@@ -217,6 +301,15 @@ impl PeerPool {
             }
         });
         Ok(sender)
+    }
+
+    /// Whether the HTTP/2 connection is live; unlike
+    /// [`PeerPool::ready_sender`], without cloning its sender.
+    fn h2_live(&self) -> bool {
+        match self.ready.lock() {
+            Ok(r) => r.as_ref().is_some_and(|s| !s.is_closed()),
+            Err(_) => false,
+        }
     }
 
     fn ready_sender(&self) -> Option<http2::SendRequest<Body>> {
@@ -327,11 +420,15 @@ impl PeerPool {
         let addr = self.addr.clone();
         let unresponsive = self.unresponsive.clone();
         let hung = self.settings.hung.clone();
+        let h1 = self.h1.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 if e.is_timeout() {
                     tracing::warn!(endpoint = %addr, "peer stopped answering HTTP/2 PINGs; connection dropped");
+                    // Before the requests on them fail: they must find the
+                    // endpoint marked hung.
                     unresponsive.store(true, std::sync::atomic::Ordering::Relaxed);
+                    h1.close_all();
                     if let Some(tx) = hung {
                         let _ = tx.try_send(addr);
                     }
@@ -418,3 +515,7 @@ impl AsyncWrite for FirstRead {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;

@@ -55,6 +55,21 @@ impl Tried {
         self.len += 1;
     }
 
+    /// Forget the last try (it never reached the endpoint, through no
+    /// fault of the endpoint's).
+    pub fn pop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        if self.len > Self::INLINE {
+            self.spill.pop();
+            if self.len - 1 == Self::INLINE {
+                self.spill.clear();
+            }
+        }
+        self.len -= 1;
+    }
+
     /// The endpoints tried so far, in order.
     pub fn as_slice(&self) -> &[usize] {
         if self.len <= Self::INLINE {
@@ -133,6 +148,26 @@ mod tests {
             assert_eq!(t.len(), i + 1);
         }
         assert_eq!(t.as_slice(), &[0, 10, 20, 30, 40, 50, 60]);
+    }
+
+    #[test]
+    fn pop_forgets_the_last_try_inline_and_spilled() {
+        let mut t = Tried::default();
+        for i in 0..6 {
+            t.push(i);
+        }
+        t.pop();
+        assert_eq!(t.as_slice(), &[0, 1, 2, 3, 4]);
+        t.pop();
+        assert_eq!(t.as_slice(), &[0, 1, 2, 3]);
+        t.pop();
+        assert_eq!(t.as_slice(), &[0, 1, 2]);
+        t.push(9);
+        t.push(10);
+        assert_eq!(t.as_slice(), &[0, 1, 2, 9, 10]);
+        let mut empty = Tried::default();
+        empty.pop();
+        assert!(empty.is_empty());
     }
 
     #[test]
