@@ -336,7 +336,7 @@ impl Outbound {
             // (re)made, and back if it was refused there unsent.
             let request = match (&sender, request.version() == Version::HTTP_2) {
                 (PeerSender::H2(_), false) => as_h2(request, service)?,
-                (PeerSender::H1(_), true) => as_h1(request),
+                (PeerSender::H1(_), true) => as_h1(request, service)?,
                 _ => request,
             };
             let guard = ep.state.start();
@@ -739,18 +739,12 @@ fn as_h2(req: Request<Body>, service: &str) -> Result<Request<Body>, ProxyError>
 }
 
 /// The reverse of [`as_h2`]; the absolute URI is valid HTTP/1.1 too.
-fn as_h1(req: Request<Body>) -> Request<Body> {
+fn as_h1(req: Request<Body>, service: &str) -> Result<Request<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key(http::header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                parts.headers.insert(http::header::HOST, v);
-            }
-        }
-    }
+    ensure_host(&mut parts, service)?;
     parts.headers.remove(ORIG_PROTO);
     parts.version = Version::HTTP_11;
-    Request::from_parts(parts, body)
+    Ok(Request::from_parts(parts, body))
 }
 
 /// How many closed pooled HTTP/1.1 connections one request may run into

@@ -263,12 +263,7 @@ impl PeerPool {
         slot: OpenConn,
         connect_timeout: Duration,
     ) -> Result<H1Sender, ConnectError> {
-        let started = Instant::now();
-        let stream = self.dial(connect_timeout, false, started).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.err(format!("HTTP/1.1 handshake: {e}")))?;
+        let (sender, conn) = self.handshake_h1(connect_timeout).await?;
         self.h1.spawn(conn, self.addr.clone(), slot);
         Ok(sender)
     }
@@ -288,12 +283,7 @@ impl PeerPool {
         &self,
         connect_timeout: Duration,
     ) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let started = Instant::now();
-        let stream = self.dial(connect_timeout, false, started).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| self.err(format!("HTTP/1.1 handshake: {e}")))?;
+        let (sender, conn) = self.handshake_h1(connect_timeout).await?;
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -301,6 +291,26 @@ impl PeerPool {
             }
         });
         Ok(sender)
+    }
+
+    /// Dial (with mTLS when the endpoint's record says so, ALPN
+    /// `http/1.1`) and set up HTTP/1.1 on the stream; the caller drives the
+    /// connection.
+    async fn handshake_h1(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<
+        (
+            http1::SendRequest<Body>,
+            http1::Connection<TokioIo<PeerStream>, Body>,
+        ),
+        ConnectError,
+    > {
+        let stream = self.dial(connect_timeout, false, Instant::now()).await?;
+        http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.err(format!("HTTP/1.1 handshake: {e}")))
     }
 
     /// Whether the HTTP/2 connection is live; unlike
