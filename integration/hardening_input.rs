@@ -752,3 +752,93 @@ async fn a_response_streaming_longer_than_the_idle_timeout_is_delivered_whole() 
         );
     }
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body; `None` if the
+/// connection closed (or nothing came within `wait`) before it was complete.
+async fn read_response(s: &mut TcpStream, wait: Duration) -> Option<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return Some(String::from_utf8_lossy(&got).into_owned());
+            }
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// The header read timeout runs from a head's first byte, not from the
+/// previous response: a keep-alive connection may stay quiet between
+/// requests for longer than the timeout (only `idle_connection_timeout`
+/// closes it, so a caller's pooled connection is not closed under a request
+/// it is sending), while a head that has started must still finish in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_outlive_the_header_timeout_but_slow_heads_do_not() {
+    let _timing = exclusive().await;
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let mesh = GuardedMesh::start(mesh_b(
+        "[limits]\nheader_read_timeout = \"2s\"\nidle_connection_timeout = \"60s\"\n",
+    ))
+    .await;
+    let out = mesh.outbound();
+    let mut s = TcpStream::connect(out).await.expect("connect to A");
+    let request = b"GET /keepalive HTTP/1.1\r\nHost: b\r\n\r\n";
+    s.write_all(request).await.expect("first request");
+    let first = read_response(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        first
+            .as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        "first response: {first:?}"
+    );
+
+    // Quiet for 1.5 × the timeout: the connection must stay open.
+    let mut buf = [0u8; 64];
+    let quiet = tokio::time::timeout(TIMEOUT * 3 / 2, s.read(&mut buf)).await;
+    assert!(
+        quiet.is_err(),
+        "the keep-alive connection was closed (or sent bytes) while quiet: {quiet:?}"
+    );
+    s.write_all(request).await.expect("second request");
+    let second = read_response(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        second
+            .as_deref()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        "second response on the same connection after a quiet spell: {second:?}"
+    );
+
+    // A third head, started and never finished: closed at the timeout.
+    let started = Instant::now();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: b\r\nX-Slow: a")
+        .await
+        .expect("partial head");
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => break None,
+        }
+    };
+    let lived = closed.expect("a connection with an unfinished head was never closed");
+    assert!(
+        lived >= TIMEOUT - Duration::from_millis(200) && lived <= TIMEOUT + Duration::from_secs(2),
+        "the unfinished head's connection lived {lived:?} (timeout {TIMEOUT:?})"
+    );
+    assert!(
+        mesh.a.log().contains("request head not received in time"),
+        "the timeout is logged"
+    );
+}

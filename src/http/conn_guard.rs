@@ -7,6 +7,16 @@
 //!   file descriptor) forever. [`GuardedIo`] fails reads with `TimedOut`
 //!   unless a complete first request (an HTTP/1 head or the first HTTP/2
 //!   stream) arrives within the header read timeout.
+//! - **Header read timeout.** A request head that has started to arrive
+//!   must be complete within the header read timeout, or reads fail with
+//!   `TimedOut`. The clock starts at the head's first bytes, not when the
+//!   connection turned idle: hyper's own `header_read_timeout` (turned off,
+//!   see `http::server::builder`) started when hyper began waiting for the
+//!   next head, and so closed every keep-alive connection after 10 s of
+//!   quiet, long before `idle_connection_timeout`, racing the requests that
+//!   a caller's pool sent on them. It also allocated and registered a timer
+//!   for every request; here a timer exists only while a read has ended in
+//!   the middle of a head, which a head that arrives in one read never does.
 //! - **Ambiguous HTTP/1 framing.** [`super::framing`] follows the byte
 //!   stream and marks the connection when a request head could be framed
 //!   two ways (request smuggling); the server refuses every request on a
@@ -86,6 +96,10 @@ pub struct GuardedIo<T> {
     guard: Arc<ConnGuard>,
     /// Until the first request: when the connection is given up.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// How long a started HTTP/1 head may take to complete.
+    head_timeout: Duration,
+    /// While a head is partly read: when the connection is given up.
+    head_deadline: Option<Pin<Box<Sleep>>>,
     framing: Framing,
 }
 
@@ -169,23 +183,29 @@ impl Drop for InFlight {
 // === impl GuardedIo ===
 
 impl<T> GuardedIo<T> {
-    /// Guard `inner`: a first request within `first_request_timeout`, and
-    /// HTTP/1 heads checked against hyper's limits (`max_head_bytes`,
-    /// `max_headers`).
+    /// Guard `inner`: a first request, and every HTTP/1 head once it has
+    /// started, within `header_read_timeout`; HTTP/1 heads checked against
+    /// hyper's limits (`max_head_bytes`, `max_headers`).
     pub fn new(
         inner: T,
         guard: Arc<ConnGuard>,
-        first_request_timeout: Duration,
+        header_read_timeout: Duration,
         max_head_bytes: usize,
         max_headers: usize,
     ) -> Self {
         GuardedIo {
             inner,
             guard,
-            deadline: Some(Box::pin(tokio::time::sleep(first_request_timeout))),
+            deadline: Some(Box::pin(tokio::time::sleep(header_read_timeout))),
+            head_timeout: header_read_timeout,
+            head_deadline: None,
             framing: Framing::new(max_head_bytes, max_headers),
         }
     }
+}
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what.to_string())
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
@@ -199,18 +219,41 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
             if this.guard.first_request.load(Ordering::Relaxed) {
                 this.deadline = None;
             } else if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
+                return Poll::Ready(Err(timed_out(
                     "no complete request within the header read timeout",
                 )));
             }
         }
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if read.is_pending() {
+            // Waiting for the rest of a head: the timer is polled here, so
+            // its waker is the connection's, and it fires into this read.
+            if let Some(head) = this.head_deadline.as_mut() {
+                if head.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(timed_out(
+                        "request head not complete within the header read timeout",
+                    )));
+                }
+            }
+            return Poll::Pending;
+        }
+        ready!(read)?;
         if this.framing.is_active() {
             if let Some(why) = this.framing.feed(&buf.filled()[before..]) {
                 let _ = this.guard.ambiguous.set(why);
             }
+            if !this.framing.mid_head() {
+                this.head_deadline = None;
+            } else if this.head_deadline.is_none() {
+                // From the head's first read, not reset by later reads: a
+                // head dribbled a byte at a time still has to finish in time.
+                this.head_deadline = Some(Box::pin(tokio::time::sleep(this.head_timeout)));
+            }
+        } else {
+            // Not following HTTP/1 any more (HTTP/2, an upgrade, a head
+            // hyper rejects on its own): there are no heads to time.
+            this.head_deadline = None;
         }
         Poll::Ready(Ok(()))
     }
@@ -279,6 +322,56 @@ mod tests {
             "the rest of the head, then the new byte"
         );
         drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_head_must_finish_in_time_but_a_quiet_connection_may_wait() {
+        let timeout = Duration::from_secs(2);
+        let (mut client, server) = tokio::io::duplex(1024);
+        let guard = Arc::new(ConnGuard::default());
+        let mut io = GuardedIo::new(server, guard.clone(), timeout, 8192, 100);
+        let mut buf = [0u8; 256];
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        guard.request_started();
+
+        // Quiet for longer than the timeout between requests: no error.
+        let quiet = tokio::time::timeout(Duration::from_secs(60), io.read(&mut buf)).await;
+        assert!(
+            quiet.is_err(),
+            "a keep-alive connection waiting for its next head timed out"
+        );
+
+        // A head dribbled in: the clock runs from its first bytes, and
+        // later bytes do not restart it.
+        let started = Instant::now();
+        client.write_all(b"GET /2 HT").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 9);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client.write_all(b"TP/1.1\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 8);
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(
+            started.elapsed(),
+            timeout,
+            "timed from the head's first bytes"
+        );
+
+        // A head completed across reads disarms the timer.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let guard = Arc::new(ConnGuard::default());
+        let mut io = GuardedIo::new(server, guard.clone(), timeout, 8192, 100);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        guard.request_started();
+        client.write_all(b"Host: a\r\n\r\n").await.unwrap();
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        let quiet = tokio::time::timeout(Duration::from_secs(60), io.read(&mut buf)).await;
+        assert!(quiet.is_err(), "a completed head left its timer armed");
     }
 
     #[tokio::test(start_paused = true)]

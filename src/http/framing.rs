@@ -116,6 +116,13 @@ impl Framing {
         !matches!(self, Framing::Off)
     }
 
+    /// Whether part of a request head has arrived and the rest has not
+    /// (the header read timeout runs only then; see
+    /// [`super::conn_guard::GuardedIo`]).
+    pub fn mid_head(&self) -> bool {
+        matches!(self, Framing::Head { buf, .. } if !buf.is_empty())
+    }
+
     /// Feed the next bytes read from the client. Returns the reason when a
     /// head with ambiguous framing completes; the tracker then stops.
     pub fn feed(&mut self, mut bytes: &[u8]) -> Option<Ambiguity> {

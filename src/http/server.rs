@@ -69,7 +69,12 @@ pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Off: `conn_guard::GuardedIo` times request heads instead, from
+        // their first byte. hyper's timer ran from when it began waiting
+        // for the next head, so it also closed idle keep-alive connections
+        // (after 10 s, not `idle_connection_timeout`), and it allocated a
+        // timer per request.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
         .max_headers(limits.max_headers)
         .keep_alive(true);
