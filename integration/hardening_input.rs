@@ -794,15 +794,18 @@ async fn keep_alive_connections_outlive_the_header_timeout_but_slow_heads_do_not
     .await;
     let out = mesh.outbound();
     let mut s = TcpStream::connect(out).await.expect("connect to A");
-    let request = b"GET /keepalive HTTP/1.1\r\nHost: b\r\n\r\n";
-    s.write_all(request).await.expect("first request");
-    let first = read_response(&mut s, Duration::from_secs(5)).await;
-    assert!(
-        first
-            .as_deref()
-            .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
-        "first response: {first:?}"
-    );
+    async fn get_ok(s: &mut TcpStream, which: &str) {
+        s.write_all(b"GET /keepalive HTTP/1.1\r\nHost: b\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{which} request: {e}"));
+        let res = read_response(s, Duration::from_secs(5)).await;
+        assert!(
+            res.as_deref()
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+            "{which} response: {res:?}"
+        );
+    }
+    get_ok(&mut s, "first").await;
 
     // Quiet for 1.5 × the timeout: the connection must stay open.
     let mut buf = [0u8; 64];
@@ -811,14 +814,7 @@ async fn keep_alive_connections_outlive_the_header_timeout_but_slow_heads_do_not
         quiet.is_err(),
         "the keep-alive connection was closed (or sent bytes) while quiet: {quiet:?}"
     );
-    s.write_all(request).await.expect("second request");
-    let second = read_response(&mut s, Duration::from_secs(5)).await;
-    assert!(
-        second
-            .as_deref()
-            .is_some_and(|r| r.starts_with("HTTP/1.1 200")),
-        "second response on the same connection after a quiet spell: {second:?}"
-    );
+    get_ok(&mut s, "second (same connection, after a quiet spell)").await;
 
     // A third head, started and never finished: closed at the timeout.
     let started = Instant::now();

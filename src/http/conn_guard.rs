@@ -204,8 +204,8 @@ impl<T> GuardedIo<T> {
     }
 }
 
-fn timed_out(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, what.to_string())
+fn timed_out(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
@@ -243,17 +243,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
             if let Some(why) = this.framing.feed(&buf.filled()[before..]) {
                 let _ = this.guard.ambiguous.set(why);
             }
-            if !this.framing.mid_head() {
-                this.head_deadline = None;
-            } else if this.head_deadline.is_none() {
-                // From the head's first read, not reset by later reads: a
-                // head dribbled a byte at a time still has to finish in time.
-                this.head_deadline = Some(Box::pin(tokio::time::sleep(this.head_timeout)));
-            }
-        } else {
-            // Not following HTTP/1 any more (HTTP/2, an upgrade, a head
-            // hyper rejects on its own): there are no heads to time.
+        }
+        // A tracker that stopped following HTTP/1 (HTTP/2, an upgrade, a
+        // head hyper rejects on its own) is never mid-head: nothing to time.
+        if !this.framing.mid_head() {
             this.head_deadline = None;
+        } else if this.head_deadline.is_none() {
+            // From the head's first read, not reset by later reads: a head
+            // dribbled a byte at a time still has to finish in time.
+            this.head_deadline = Some(Box::pin(tokio::time::sleep(this.head_timeout)));
         }
         Poll::Ready(Ok(()))
     }
