@@ -43,15 +43,16 @@ pub fn service_name(i: usize) -> String {
 /// One endpoint record, as a registry would deliver it.
 pub fn record(service: usize, replica: usize) -> EndpointRecord {
     EndpointRecord {
-        service: service_name(service),
-        instance: format!("svc-{service}-{replica}"),
+        service: service_name(service).into(),
+        instance: format!("svc-{service}-{replica}").into(),
         address: format!(
             "10.{}.{}.{}:15006",
             service / 250,
             service % 250,
             replica + 1
-        ),
-        zone: Some(if replica % 2 == 0 { "z1" } else { "z2" }.to_string()),
+        )
+        .into(),
+        zone: Some(if replica % 2 == 0 { "z1" } else { "z2" }.into()),
         weight: 100,
         protocols: vec!["h2".into()],
         tls: false,

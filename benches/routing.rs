@@ -8,7 +8,8 @@
 //!   the pick scans its service's endpoints, so this one grows with n.
 //! * `table_swap`: the applier's work per registry change plus the
 //!   `ArcSwap::store`: a full rebuild (a registry's initial read or a
-//!   resync) and the usual case, one changed endpoint.
+//!   resync) and the usual cases: one changed endpoint, and one replica
+//!   leaving or returning.
 //!
 //! The first two stay flat from 10 to 10k endpoints: per-request routing
 //! does not grow with the table.
@@ -164,6 +165,31 @@ fn table_swap(c: &mut Criterion) {
                         revision: rev,
                     },
                 }]);
+            })
+        });
+
+        // One replica leaves and comes back, alternately: a departure also
+        // decides whether the endpoint's learned state is still used by any
+        // other service, which must not cost a pass that allocates per
+        // endpoint of the table.
+        let mut m = fixture::mesh(services, PER_SERVICE);
+        let mut rev = 1u64;
+        g.bench_with_input(BenchmarkId::new("one_leaves_or_returns", n), &n, |b, _| {
+            b.iter(|| {
+                rev += 1;
+                let update = if rev % 2 == 0 {
+                    Update::Remove {
+                        service: fixture::service_name(services / 2),
+                        instance: fixture::record(services / 2, 0).instance.to_string(),
+                        revision: rev,
+                    }
+                } else {
+                    Update::Upsert {
+                        endpoint: fixture::record(services / 2, 0),
+                        revision: rev,
+                    }
+                };
+                m.applier.apply_batch([SourcedUpdate { source: 0, update }]);
             })
         });
     }

@@ -56,7 +56,7 @@ fn record(service: &str, instance: &str, port: u16) -> EndpointRecord {
     EndpointRecord {
         service: service.into(),
         instance: instance.into(),
-        address: format!("127.0.0.1:{port}"),
+        address: format!("127.0.0.1:{port}").into(),
         zone: Some("z1".into()),
         weight: 100,
         protocols: vec!["http1".into(), "h2".into()],
@@ -145,12 +145,12 @@ impl Table {
                 self.resets += 1;
                 self.endpoints = endpoints
                     .iter()
-                    .map(|e| ((e.service.clone(), e.instance.clone()), e.clone()))
+                    .map(|e| ((e.service.to_string(), e.instance.to_string()), e.clone()))
                     .collect();
             }
             Update::Upsert { endpoint, .. } => {
                 self.endpoints.insert(
-                    (endpoint.service.clone(), endpoint.instance.clone()),
+                    (endpoint.service.to_string(), endpoint.instance.to_string()),
                     endpoint.clone(),
                 );
             }
@@ -167,7 +167,7 @@ impl Table {
     fn instances(&self) -> Vec<String> {
         self.endpoints
             .values()
-            .map(|e| e.instance.clone())
+            .map(|e| e.instance.to_string())
             .collect()
     }
 }
@@ -862,7 +862,7 @@ async fn discovery_rereads_after_its_watch_is_compacted() {
         let ops: Vec<TxnOp> = (0..32)
             .map(|i| {
                 let mut r = big.clone();
-                r.instance = format!("hot-{i}");
+                r.instance = format!("hot-{i}").into();
                 r.weight = 1 + (round % 100);
                 TxnOp::put(key(&r.service, &r.instance), r.encode(), None)
             })

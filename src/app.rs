@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use compact_str::CompactString;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -295,10 +296,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 pub fn own_record(config: &Config) -> EndpointRecord {
     let s = &config.service;
     EndpointRecord {
-        service: s.name.clone(),
-        instance: s.instance_id.clone(),
-        address: s.advertise.clone(),
-        zone: s.zone.clone(),
+        service: s.name.as_str().into(),
+        instance: s.instance_id.as_str().into(),
+        address: s.advertise.as_str().into(),
+        zone: s.zone.as_deref().map(Into::into),
         weight: s.weight,
         protocols: protocols(config),
         tls: config.tls.is_some(),
@@ -310,14 +311,14 @@ pub fn own_record(config: &Config) -> EndpointRecord {
 /// The inbound listener's protocols; a permissive mTLS listener also
 /// advertises plaintext, so peers without `[tls]` may still call it during
 /// a rollout.
-fn protocols(config: &Config) -> Vec<String> {
-    let mut p = vec!["http1".to_owned(), "h2".to_owned()];
+fn protocols(config: &Config) -> Vec<CompactString> {
+    let mut p = vec!["http1".into(), "h2".into()];
     if config
         .tls
         .as_ref()
         .is_some_and(|t| t.mode == TlsMode::Permissive)
     {
-        p.push(PLAINTEXT_PROTOCOL.to_owned());
+        p.push(PLAINTEXT_PROTOCOL.into());
     }
     p
 }

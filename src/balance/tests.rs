@@ -26,14 +26,14 @@ fn endpoint(i: usize, zone: Option<&str>, my_zone: Option<&str>, weight: u32) ->
     Endpoint {
         record: Arc::new(EndpointRecord {
             service: "b".into(),
-            instance: format!("b-{i}"),
-            address: addr.to_string(),
-            zone: zone.map(String::from),
+            instance: format!("b-{i}").into(),
+            address: (*addr).into(),
+            zone: zone.map(Into::into),
             weight,
             protocols: vec![],
             tls: false,
             metadata: Default::default(),
-            version: String::new(),
+            version: Default::default(),
         }),
         weight,
         local: zone.is_some() && zone == my_zone,

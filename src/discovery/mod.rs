@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use compact_str::CompactString;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -56,7 +57,9 @@ pub struct DiscoveryStatus {
 #[derive(Debug)]
 struct Source {
     name: Arc<str>,
-    endpoints: BTreeMap<(String, String), Known>,
+    /// Keyed by (service, instance); both are inline `CompactString`s for
+    /// any realistic name, so a key costs no allocation.
+    endpoints: BTreeMap<(CompactString, CompactString), Known>,
     revision: u64,
     connected: bool,
     /// Has sent a full `Reset` (a complete view) at least once.
@@ -409,7 +412,8 @@ impl Applier {
                     return false;
                 }
                 src.revision = src.revision.max(revision);
-                let removed = src.endpoints.remove(&(service.clone(), instance)).is_some();
+                let key = (CompactString::from(service.as_str()), instance.into());
+                let removed = src.endpoints.remove(&key).is_some();
                 if removed {
                     self.dirty.mark(&service);
                 }
@@ -476,26 +480,16 @@ impl Applier {
                 }
                 Dirty::Some(set) => (prev.services.clone(), set.into_iter().collect()),
             };
-        let mut dropped_addrs: Vec<Arc<str>> = Vec::new();
+        // States that an old route used and the new one does not: they are
+        // forgotten below unless another service still uses them.
+        let mut dropped: Vec<(Arc<str>, Arc<EndpointState>)> = Vec::new();
         for svc in &names {
             let old = prev.services.get(svc.as_str());
-            let routes = self.build_service(svc, now);
+            let routes = self.build_service(svc, old, now);
             if let Some(old) = old {
-                // An endpoint's state is the one `endpoint_states` holds for
-                // its key (inserted once per key, removed only when no table
-                // uses it), so "same key" is "same state `Arc`": comparing
-                // pointers avoids building a key string per pair, which made
-                // this O(endpoints²) allocations per service.
-                let kept = |state: &Arc<EndpointState>| {
-                    routes
-                        .as_ref()
-                        .is_some_and(|r| r.endpoints.iter().any(|e| Arc::ptr_eq(&e.state, state)))
-                };
-                dropped_addrs.extend(
-                    old.endpoints
-                        .iter()
-                        .filter(|e| !kept(&e.state))
-                        .map(|e| state_key(&e.record)),
+                let new = routes.as_deref().map_or(&[][..], |r| &r.endpoints[..]);
+                dropped.extend(
+                    unused(&old.endpoints, new).map(|e| (state_key(&e.record), e.state.clone())),
                 );
             }
             match routes {
@@ -515,15 +509,21 @@ impl Applier {
         }
         // Endpoints that left the registry lose their learned state: if they
         // come back, a fresh registration is fresh evidence of health. (An
-        // address still used by another service keeps its state.)
-        if !dropped_addrs.is_empty() {
-            let live: HashSet<Arc<str>> = services
+        // address still used by another service keeps its state.) "Used" is
+        // pointer identity of the state, so the scan hashes one pointer per
+        // endpoint instead of building a key string for each of them.
+        if !dropped.is_empty() {
+            let live: HashSet<*const EndpointState> = services
                 .values()
-                .flat_map(|s| s.endpoints.iter().map(|e| state_key(&e.record)))
+                .flat_map(|s| s.endpoints.iter().map(|e| Arc::as_ptr(&e.state)))
                 .collect();
-            for addr in &dropped_addrs {
-                if !live.contains(addr) {
-                    self.endpoint_states.remove(addr);
+            for (key, state) in dropped {
+                let ours = self
+                    .endpoint_states
+                    .get(&key)
+                    .is_some_and(|s| Arc::ptr_eq(s, &state));
+                if ours && !live.contains(&Arc::as_ptr(&state)) {
+                    self.endpoint_states.remove(&key);
                 }
             }
         }
@@ -553,13 +553,22 @@ impl Applier {
 
     /// The routes of one service, merged across sources by instance (the
     /// first source in config order wins); `None` if it has no endpoints.
-    fn build_service(&mut self, svc: &str, now: Instant) -> Option<Arc<ServiceRoutes>> {
+    ///
+    /// `old` is the service's previous routes: an endpoint still there under
+    /// the same instance and state key takes its state from them, which
+    /// spares a hash lookup per endpoint (a fifth of a full 10k swap).
+    fn build_service(
+        &mut self,
+        svc: &str,
+        old: Option<&Arc<ServiceRoutes>>,
+        now: Instant,
+    ) -> Option<Arc<ServiceRoutes>> {
         // Each source's range is sorted by instance; with one source
         // holding the service (the usual case) that range is the result.
         // Otherwise: concatenate, sort stably by instance (source order
         // breaks ties) and keep the first of each instance.
         let mut merged: Vec<(&str, usize, &Known)> = Vec::new();
-        let from = (svc.to_string(), String::new());
+        let from = (CompactString::from(svc), CompactString::default());
         let mut contributing = 0;
         for (i, src) in self.sources.iter().enumerate() {
             let before = merged.len();
@@ -580,14 +589,28 @@ impl Applier {
         }
         let my_zone = self.config.service.zone.as_deref();
         let mut endpoints = Vec::with_capacity(merged.len());
-        for (_, source, known) in merged {
-            // Plaintext endpoints are keyed by address alone, so they are
-            // looked up by `&str` and a key is allocated only for an address
-            // seen for the first time; mTLS keys carry the identity too.
-            let existing = if known.record.tls {
-                self.endpoint_states.get(&*state_key(&known.record))
-            } else {
-                self.endpoint_states.get(known.record.address.as_str())
+        let old = old.map_or(&[][..], |o| &o.endpoints[..]);
+        let mut cursor = 0;
+        for (instance, source, known) in merged {
+            // Both lists are sorted by instance: one forward walk pairs them.
+            while old
+                .get(cursor)
+                .is_some_and(|e| e.record.instance.as_str() < instance)
+            {
+                cursor += 1;
+            }
+            let previous = old.get(cursor).filter(|e| {
+                Arc::ptr_eq(&e.record, &known.record)
+                    || (e.record.instance == instance && same_state_key(&e.record, &known.record))
+            });
+            // Otherwise by key. Plaintext endpoints are keyed by address
+            // alone, so they are looked up by `&str` and a key is allocated
+            // only for an address seen for the first time; mTLS keys carry
+            // the identity too.
+            let existing = match previous {
+                Some(e) => Some(&e.state),
+                None if known.record.tls => self.endpoint_states.get(&*state_key(&known.record)),
+                None => self.endpoint_states.get(known.record.address.as_str()),
             };
             let state = match existing {
                 Some(state) => state.clone(),
@@ -700,6 +723,39 @@ fn state_key(record: &EndpointRecord) -> Arc<str> {
     format!("{}#mtls:{}{plain}", record.address, record.service).into()
 }
 
+/// Whether two records of one service share a [`state_key`], without
+/// building either key.
+fn same_state_key(a: &EndpointRecord, b: &EndpointRecord) -> bool {
+    a.address == b.address
+        && a.tls == b.tls
+        && (!a.tls || (a.service == b.service && peer_tls(a).plaintext == peer_tls(b).plaintext))
+}
+
+/// The endpoints of `old` whose state no endpoint of `new` uses. An
+/// endpoint's state is the one `endpoint_states` holds for its key
+/// (inserted once per key, removed only when no table uses it), so "same
+/// key" is "same state `Arc`". Small services are scanned pairwise; a large
+/// one is checked against its sorted state pointers, so a 10k-endpoint
+/// service costs O(n log n), not O(n²).
+fn unused<'a>(old: &'a [Endpoint], new: &'a [Endpoint]) -> impl Iterator<Item = &'a Endpoint> {
+    const PAIRWISE: usize = 32;
+    let sorted: Vec<*const EndpointState> = if new.len() > PAIRWISE {
+        let mut v: Vec<_> = new.iter().map(|e| Arc::as_ptr(&e.state)).collect();
+        v.sort_unstable();
+        v
+    } else {
+        Vec::new()
+    };
+    old.iter().filter(move |e| {
+        let p = Arc::as_ptr(&e.state);
+        if new.len() > PAIRWISE {
+            sorted.binary_search(&p).is_err()
+        } else {
+            !new.iter().any(|n| Arc::as_ptr(&n.state) == p)
+        }
+    })
+}
+
 /// How the record says its endpoint may be dialed.
 fn peer_tls(record: &EndpointRecord) -> PeerTls {
     PeerTls {
@@ -749,13 +805,13 @@ mod tests {
         EndpointRecord {
             service: "b".into(),
             instance: instance.into(),
-            address: format!("127.0.0.1:{port}"),
+            address: format!("127.0.0.1:{port}").into(),
             zone: None,
             weight: 100,
             protocols: Vec::new(),
             tls: false,
             metadata: BTreeMap::new(),
-            version: String::new(),
+            version: Default::default(),
         }
     }
 
@@ -767,7 +823,7 @@ mod tests {
             .map(|s| {
                 s.endpoints
                     .iter()
-                    .map(|e| e.record.instance.clone())
+                    .map(|e| e.record.instance.to_string())
                     .collect()
             })
             .unwrap_or_default();
@@ -827,6 +883,137 @@ mod tests {
         assert!(
             text.contains("outrigger_registry_resyncs_total{registry=\"0-etcd\"} 1"),
             "{text}"
+        );
+    }
+
+    /// The state each instance of service `svc` routes with.
+    fn states(table: &ArcSwap<Table>, svc: &str) -> BTreeMap<String, Arc<EndpointState>> {
+        let table = table.load();
+        table
+            .services
+            .get(svc)
+            .map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(|e| (e.record.instance.to_string(), e.state.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn upsert(applier: &mut Applier, endpoint: EndpointRecord) {
+        applier.apply_batch([SourcedUpdate {
+            source: 0,
+            update: Update::Upsert {
+                endpoint,
+                revision: 0,
+            },
+        }]);
+    }
+
+    fn remove(applier: &mut Applier, service: &str, instance: &str) {
+        applier.apply_batch([SourcedUpdate {
+            source: 0,
+            update: Update::Remove {
+                service: service.into(),
+                instance: instance.into(),
+                revision: 0,
+            },
+        }]);
+    }
+
+    /// Learned state (latency, ejection, warm connections) follows the
+    /// endpoint's address across record changes and resyncs, and is
+    /// forgotten when the endpoint leaves. Services of both sizes are
+    /// checked: a large one finds unused states by sorted pointers instead
+    /// of pairwise.
+    #[tokio::test]
+    async fn endpoint_state_follows_the_address_and_is_forgotten_on_leave() {
+        for n in [3u16, 40] {
+            let (mut applier, table, _) = applier();
+            let all: Vec<_> = (0..n)
+                .map(|i| record(&format!("b-{i}"), 2000 + i))
+                .collect();
+            applier.apply_batch([SourcedUpdate {
+                source: 0,
+                update: Update::Reset {
+                    endpoints: all.clone(),
+                    revision: 1,
+                },
+            }]);
+            let first = states(&table, "b");
+            assert_eq!(first.len(), n as usize);
+
+            // A changed weight, then a full resync of changed records: same state.
+            let mut heavier = record("b-1", 2001);
+            heavier.weight = 7;
+            upsert(&mut applier, heavier);
+            let resync: Vec<_> = all
+                .iter()
+                .cloned()
+                .map(|mut r| {
+                    r.weight = 3;
+                    r
+                })
+                .collect();
+            applier.apply_batch([SourcedUpdate {
+                source: 0,
+                update: Update::Reset {
+                    endpoints: resync,
+                    revision: 2,
+                },
+            }]);
+            let after = states(&table, "b");
+            for (instance, state) in &first {
+                assert!(
+                    Arc::ptr_eq(state, &after[instance]),
+                    "{n} endpoints: {instance} lost its state to a record change"
+                );
+            }
+
+            // A new address under the same instance is a different endpoint.
+            upsert(&mut applier, record("b-2", 3002));
+            assert!(!Arc::ptr_eq(&first["b-2"], &states(&table, "b")["b-2"]));
+
+            // Leaving forgets the state: a returning endpoint starts fresh,
+            // while the others keep theirs.
+            remove(&mut applier, "b", "b-0");
+            assert!(!states(&table, "b").contains_key("b-0"));
+            upsert(&mut applier, record("b-0", 2000));
+            let back = states(&table, "b");
+            assert!(
+                !Arc::ptr_eq(&first["b-0"], &back["b-0"]),
+                "{n} endpoints: a returning endpoint reused forgotten state"
+            );
+            assert!(Arc::ptr_eq(&first["b-1"], &back["b-1"]));
+        }
+    }
+
+    /// An address that two services route to keeps its state while either
+    /// of them still uses it.
+    #[tokio::test]
+    async fn shared_address_keeps_its_state_while_any_service_uses_it() {
+        let (mut applier, table, _) = applier();
+        let mut in_c = record("c-1", 4000);
+        in_c.service = "c".into();
+        applier.apply_batch([SourcedUpdate {
+            source: 0,
+            update: Update::Reset {
+                endpoints: vec![record("b-1", 4000), in_c],
+                revision: 1,
+            },
+        }]);
+        let shared = states(&table, "b")["b-1"].clone();
+        assert!(Arc::ptr_eq(&shared, &states(&table, "c")["c-1"]));
+        remove(&mut applier, "b", "b-1");
+        assert!(
+            Arc::ptr_eq(&shared, &states(&table, "c")["c-1"]),
+            "c still routes to the address"
+        );
+        upsert(&mut applier, record("b-1", 4000));
+        assert!(
+            Arc::ptr_eq(&shared, &states(&table, "b")["b-1"]),
+            "the state was kept for c, so b picks it up again"
         );
     }
 }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// Largest registry value we accept. A real record is a few hundred bytes;
@@ -22,23 +23,29 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 pub const MAX_WEIGHT: u32 = 10_000;
 
 /// One service instance, as published in a registry.
+///
+/// Its strings are [`CompactString`]s: a service name, instance id, address,
+/// zone or version of up to 24 bytes (nearly all of them) is stored inline,
+/// so a record costs one allocation (its protocol list) instead of seven.
+/// A registry's full read decodes, and a full table swap frees, one record
+/// per endpoint, and glibc's `malloc`/`free` were about half of a 10k swap.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
     /// Logical service name (`b`).
-    pub service: String,
+    pub service: CompactString,
     /// Unique instance id (`b-1`); the merge key across registries.
-    pub instance: String,
+    pub instance: CompactString,
     /// What peers dial: the instance's sidecar inbound listener (`host:port`).
-    pub address: String,
+    pub address: CompactString,
     /// Locality, for same-zone preference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zone: Option<String>,
+    pub zone: Option<CompactString>,
     /// Relative balancing weight.
     #[serde(default = "default_weight")]
     pub weight: u32,
     /// Protocols the inbound listener speaks (`http1`, `h2`).
     #[serde(default)]
-    pub protocols: Vec<String>,
+    pub protocols: Vec<CompactString>,
     /// Whether the inbound listener requires mTLS.
     #[serde(default)]
     pub tls: bool,
@@ -47,7 +54,7 @@ pub struct EndpointRecord {
     pub metadata: BTreeMap<String, String>,
     /// The outrigger version that wrote the record.
     #[serde(default)]
-    pub version: String,
+    pub version: CompactString,
 }
 
 /// Why a registry value was rejected.

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use compact_str::CompactString;
 use serde::Deserialize;
 
 use super::{BoxFuture, EndpointRecord, Registry, RegistryError, Update, UpdateTx, DEFAULT_WEIGHT};
@@ -31,17 +32,17 @@ struct RawFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEndpoint {
-    service: String,
-    address: String,
-    instance: Option<String>,
-    zone: Option<String>,
+    service: CompactString,
+    address: CompactString,
+    instance: Option<CompactString>,
+    zone: Option<CompactString>,
     weight: Option<u32>,
     #[serde(default)]
     tls: bool,
     /// What the inbound speaks; with `tls`, `"plaintext"` marks a
     /// permissive listener (see `outbound::dial`).
     #[serde(default)]
-    protocols: Vec<String>,
+    protocols: Vec<CompactString>,
     #[serde(default)]
     metadata: std::collections::BTreeMap<String, String>,
 }
@@ -173,7 +174,7 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointRecord>, String> {
             protocols: e.protocols,
             tls: e.tls,
             metadata: e.metadata,
-            version: String::new(),
+            version: CompactString::default(),
         };
         match record.check() {
             Ok(()) => {

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -101,12 +102,12 @@ pub fn register_body(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if let Some(zone) = &me.zone {
-        meta.insert(META_ZONE.into(), zone.clone());
+        meta.insert(META_ZONE.into(), zone.to_string());
     } else {
         meta.remove(META_ZONE);
     }
     meta.insert(META_PROTOCOLS.into(), me.protocols.join(","));
-    meta.insert(META_VERSION.into(), me.version.clone());
+    meta.insert(META_VERSION.into(), me.version.to_string());
     meta.insert(META_TLS.into(), me.tls.to_string());
     let mut all_tags: Vec<&str> = tags.iter().map(String::as_str).collect();
     if !all_tags.contains(&MESH_TAG) {
@@ -180,26 +181,29 @@ impl HealthEntry {
             format!("{host}:{port}")
         };
         let mut meta = s.meta.clone().unwrap_or_default();
-        let zone = meta.remove(META_ZONE).filter(|z| !z.is_empty());
+        let zone = meta
+            .remove(META_ZONE)
+            .filter(|z| !z.is_empty())
+            .map(CompactString::from);
         let protocols = meta
             .remove(META_PROTOCOLS)
             .map(|p| {
                 p.split(',')
                     .filter(|x| !x.is_empty())
-                    .map(String::from)
+                    .map(CompactString::from)
                     .collect()
             })
             .unwrap_or_default();
-        let version = meta.remove(META_VERSION).unwrap_or_default();
+        let version = meta.remove(META_VERSION).unwrap_or_default().into();
         let tls = meta.remove(META_TLS).is_some_and(|t| t == "true");
         let weight = match s.weights.as_ref().map(|w| w.passing) {
             Some(w) if w > 0 => w,
             _ => DEFAULT_WEIGHT,
         };
         let record = EndpointRecord {
-            service: s.service.clone(),
-            instance: s.id.clone(),
-            address,
+            service: s.service.as_str().into(),
+            instance: s.id.as_str().into(),
+            address: address.into(),
             zone,
             weight,
             protocols,

@@ -184,7 +184,7 @@ impl Registrar {
         {
             let mut s = self.lock();
             s.registered = Some(me.clone());
-            s.instance = Some(me.instance.clone());
+            s.instance = Some(me.instance.to_string());
             s.passing = false;
         }
         info!(registry = %self.agent.name(), service = %me.service, instance = %me.instance, "registered with the consul agent");

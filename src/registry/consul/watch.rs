@@ -485,10 +485,10 @@ async fn watch_service(
                 // An entry listed under another name is an agent bug; it
                 // would put an instance under the wrong service.
                 Ok(r) if r.service == service => {
-                    endpoints.insert(r.instance.clone(), r);
+                    endpoints.insert(r.instance.to_string(), r);
                 }
                 Ok(r) => malformed.push((
-                    r.instance.clone(),
+                    r.instance.to_string(),
                     format!("listed under {service:?} but names service {:?}", r.service),
                 )),
                 Err(e) => malformed.push((entry.service.id.clone(), e.to_string())),

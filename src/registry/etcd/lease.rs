@@ -393,8 +393,8 @@ impl Registrar {
             let since = *contested_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= contested_for {
                 return Err(ClaimError::Failed(RegistryError::Duplicate {
-                    service: me.service.clone(),
-                    instance: me.instance.clone(),
+                    service: me.service.to_string(),
+                    instance: me.instance.to_string(),
                     key: key.to_owned(),
                 }));
             }

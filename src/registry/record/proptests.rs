@@ -46,15 +46,15 @@ pub(crate) fn valid_record() -> impl Strategy<Value = EndpointRecord> {
         .prop_map(
             |(service, instance, address, zone, weight, protocols, tls, metadata, version)| {
                 EndpointRecord {
-                    service,
-                    instance,
-                    address,
-                    zone,
+                    service: service.into(),
+                    instance: instance.into(),
+                    address: address.into(),
+                    zone: zone.map(Into::into),
                     weight,
-                    protocols,
+                    protocols: protocols.into_iter().map(Into::into).collect(),
                     tls,
                     metadata,
-                    version,
+                    version: version.into(),
                 }
             },
         )
