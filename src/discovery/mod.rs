@@ -741,16 +741,15 @@ fn same_state_key(a: &EndpointRecord, b: &EndpointRecord) -> bool {
 /// service costs O(n log n), not O(n²).
 fn unused<'a>(old: &'a [Endpoint], new: &'a [Endpoint]) -> impl Iterator<Item = &'a Endpoint> {
     const PAIRWISE: usize = 32;
-    let sorted: Vec<*const EndpointState> = if new.len() > PAIRWISE {
-        let mut v: Vec<_> = new.iter().map(|e| Arc::as_ptr(&e.state)).collect();
-        v.sort_unstable();
-        v
-    } else {
-        Vec::new()
-    };
+    let large = new.len() > PAIRWISE;
+    let mut sorted: Vec<*const EndpointState> = Vec::new();
+    if large {
+        sorted.extend(new.iter().map(|e| Arc::as_ptr(&e.state)));
+        sorted.sort_unstable();
+    }
     old.iter().filter(move |e| {
         let p = Arc::as_ptr(&e.state);
-        if new.len() > PAIRWISE {
+        if large {
             sorted.binary_search(&p).is_err()
         } else {
             !new.iter().any(|n| Arc::as_ptr(&n.state) == p)
@@ -903,25 +902,30 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Apply one update from source 0 and publish, as the applier's task does.
+    fn publish(applier: &mut Applier, update: Update) {
+        applier.apply_batch([SourcedUpdate { source: 0, update }]);
+    }
+
     fn upsert(applier: &mut Applier, endpoint: EndpointRecord) {
-        applier.apply_batch([SourcedUpdate {
-            source: 0,
-            update: Update::Upsert {
+        publish(
+            applier,
+            Update::Upsert {
                 endpoint,
                 revision: 0,
             },
-        }]);
+        );
     }
 
     fn remove(applier: &mut Applier, service: &str, instance: &str) {
-        applier.apply_batch([SourcedUpdate {
-            source: 0,
-            update: Update::Remove {
+        publish(
+            applier,
+            Update::Remove {
                 service: service.into(),
                 instance: instance.into(),
                 revision: 0,
             },
-        }]);
+        );
     }
 
     /// Learned state (latency, ejection, warm connections) follows the
@@ -936,13 +940,13 @@ mod tests {
             let all: Vec<_> = (0..n)
                 .map(|i| record(&format!("b-{i}"), 2000 + i))
                 .collect();
-            applier.apply_batch([SourcedUpdate {
-                source: 0,
-                update: Update::Reset {
+            publish(
+                &mut applier,
+                Update::Reset {
                     endpoints: all.clone(),
                     revision: 1,
                 },
-            }]);
+            );
             let first = states(&table, "b");
             assert_eq!(first.len(), n as usize);
 
@@ -958,13 +962,13 @@ mod tests {
                     r
                 })
                 .collect();
-            applier.apply_batch([SourcedUpdate {
-                source: 0,
-                update: Update::Reset {
+            publish(
+                &mut applier,
+                Update::Reset {
                     endpoints: resync,
                     revision: 2,
                 },
-            }]);
+            );
             let after = states(&table, "b");
             for (instance, state) in &first {
                 assert!(
@@ -998,13 +1002,13 @@ mod tests {
         let (mut applier, table, _) = applier();
         let mut in_c = record("c-1", 4000);
         in_c.service = "c".into();
-        applier.apply_batch([SourcedUpdate {
-            source: 0,
-            update: Update::Reset {
+        publish(
+            &mut applier,
+            Update::Reset {
                 endpoints: vec![record("b-1", 4000), in_c],
                 revision: 1,
             },
-        }]);
+        );
         let shared = states(&table, "b")["b-1"].clone();
         assert!(Arc::ptr_eq(&shared, &states(&table, "c")["c-1"]));
         remove(&mut applier, "b", "b-1");
