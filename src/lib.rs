@@ -20,6 +20,8 @@
 //!   Cargo feature).
 //! - [`discovery`]: applies typed registry updates and publishes the routing
 //!   snapshot ([`discovery::Table`]) with `ArcSwap`; persists it for restarts.
+//! - [`offload`]: large control-plane jobs (a full registry read, a big table
+//!   rebuild) on a lower-priority thread, off the request thread.
 //! - [`balance`]: per-endpoint state (peak-EWMA, in-flight, ejection), retry
 //!   budget, and the pickers (p2c-ewma, round-robin, least-request, random).
 //! - [`outbound`]: the outbound and `local_port` listeners' request path: target,
@@ -37,8 +39,9 @@
 //! - [`app`]: wiring and the shutdown sequence.
 //! - [`routes_cli`]: `outrigger routes`, a readable view of a running sidecar's table.
 
-// One audited exception, `memory::trim` (an FFI call to glibc's
-// `malloc_trim`, which has no preconditions), is allowed where it is made.
+// Audited exceptions, FFI calls without preconditions, are allowed where
+// they are made: `memory` (glibc's `malloc_trim`, `mallopt`) and `offload`
+// (`gettid`, `setpriority`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -52,6 +55,7 @@ pub mod http;
 pub mod inbound;
 pub mod memory;
 pub mod metrics;
+pub mod offload;
 pub mod outbound;
 pub mod registry;
 pub mod routes_cli;

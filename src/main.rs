@@ -233,6 +233,7 @@ fn load(path: &std::path::Path, env: Vec<(String, String)>) -> Result<Config, Co
 }
 
 fn run(config: Config) -> ExitCode {
+    outrigger::memory::cap_arenas(config.runtime.worker_threads);
     let mut builder = if config.runtime.worker_threads <= 1 {
         // A sidecar shares its pod's CPU: one thread, no work-stealing.
         tokio::runtime::Builder::new_current_thread()

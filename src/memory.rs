@@ -57,6 +57,35 @@ pub async fn trim_when_idle() {
     }
 }
 
+/// Cap glibc's malloc arenas at one per worker thread. Call before the
+/// runtime starts any thread.
+///
+/// glibc gives each new thread that allocates an arena of its own (up to 8
+/// per core). The control plane's work on tokio's blocking pool (parsing a
+/// registry file, rebuilding a large table) then built each table in a
+/// second heap while the request thread's heap kept its own free memory:
+/// a sidecar routing to 10k endpoints grew from 79 to 141 MiB RSS under
+/// repeated full updates. One arena per worker keeps every heap that
+/// requests do not need to themselves; the blocking pool's threads share
+/// them, which costs a lock they rarely contend for.
+pub fn cap_arenas(worker_threads: usize) {
+    let arenas = i32::try_from(worker_threads.max(1)).unwrap_or(i32::MAX);
+    set_arena_max(arenas);
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn set_arena_max(arenas: i32) {
+    // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX takes
+    // effect for arenas created later, and no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_arena_max(_arenas: i32) {}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 fn trim() {

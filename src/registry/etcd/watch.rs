@@ -30,6 +30,10 @@ use crate::registry::{is_instance_id, is_service_name, EndpointRecord, Update, U
 /// well under [`MAX_MESSAGE_BYTES`].
 pub(super) const PAGE_KEYS: i64 = 10_000;
 
+/// Keys in a page from which it is decoded off the request thread
+/// ([`crate::offload`]); smaller pages cost less than the hand-over.
+const OFFLOAD_KEYS: usize = 512;
+
 /// Smallest page we shrink to when a page still exceeds the message limit.
 /// One: etcd caps a value at 1.5 MiB by default, far below
 /// [`MAX_MESSAGE_BYTES`], so a single key always fits, and a few huge
@@ -399,20 +403,7 @@ impl Discovery {
 
     /// Decodes a value and checks it against its key.
     fn decode(&self, key: &str, value: &[u8]) -> Result<EndpointRecord, String> {
-        let Some((service, instance)) = self.keys.parse(key) else {
-            return Err(format!(
-                "key is not of the form {}{{service}}/{{instance}}",
-                self.keys.services
-            ));
-        };
-        let record = EndpointRecord::decode(value).map_err(|e| e.to_string())?;
-        if record.service != service || record.instance != instance {
-            return Err(format!(
-                "record names {}/{} but its key names {service}/{instance}",
-                record.service, record.instance
-            ));
-        }
-        Ok(record)
+        decode(&self.keys, key, value)
     }
 
     /// Reads the whole range at one revision, restarting if that revision
@@ -479,23 +470,61 @@ impl Discovery {
             let Some(last) = kvs.last() else { break };
             from = last.key().to_vec();
             from.push(0); // the next key after `last`
-            for kv in &kvs {
-                let key = String::from_utf8_lossy(kv.key());
-                match self.decode(&key, kv.value()) {
-                    Ok(record) => snapshot.endpoints.push(record),
-                    Err(reason) => {
-                        snapshot
-                            .malformed
-                            .push((key.into_owned(), kv.mod_revision(), reason))
-                    }
-                }
-            }
+            let (endpoints, malformed) = if kvs.len() < OFFLOAD_KEYS {
+                decode_page(&self.keys, &kvs)
+            } else {
+                // Decoding a page of 10k values is milliseconds of CPU that
+                // every request would wait for (see `offload`).
+                let keys = self.keys.clone();
+                crate::offload::run(move || decode_page(&keys, &kvs))
+                    .await
+                    .map_err(|e| EtcdError::Protocol {
+                        op: "read registry",
+                        message: format!("decoding a page failed: {e}"),
+                    })?
+            };
+            snapshot.endpoints.extend(endpoints);
+            snapshot.malformed.extend(malformed);
             if !more {
                 break;
             }
         }
         Ok(snapshot)
     }
+}
+
+/// Decodes a value and checks it against its key.
+fn decode(keys: &Keys, key: &str, value: &[u8]) -> Result<EndpointRecord, String> {
+    let Some((service, instance)) = keys.parse(key) else {
+        return Err(format!(
+            "key is not of the form {}{{service}}/{{instance}}",
+            keys.services
+        ));
+    };
+    let record = EndpointRecord::decode(value).map_err(|e| e.to_string())?;
+    if record.service != service || record.instance != instance {
+        return Err(format!(
+            "record names {}/{} but its key names {service}/{instance}",
+            record.service, record.instance
+        ));
+    }
+    Ok(record)
+}
+
+/// One page of the initial read: good records, in key order, and skipped
+/// values as (key, mod revision, reason).
+type Page = (Vec<EndpointRecord>, Vec<(String, i64, String)>);
+
+fn decode_page(keys: &Keys, kvs: &[KeyValue]) -> Page {
+    let mut page: Page = (Vec::with_capacity(kvs.len()), Vec::new());
+    for kv in kvs {
+        let key = String::from_utf8_lossy(kv.key());
+        match decode(keys, &key, kv.value()) {
+            Ok(record) => page.0.push(record),
+            Err(reason) => page.1.push((key.into_owned(), kv.mod_revision(), reason)),
+        }
+    }
+    page
 }
 
 /// etcd revisions are positive `i64`s; updates carry them as `u64`.
