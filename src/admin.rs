@@ -53,8 +53,10 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => self.ready(),
-            (&Method::GET, "/routes") => json_response(self.routes_json()),
-            (&Method::GET, "/metrics") => self.metrics(),
+            // Both render the whole table: 85 and 20 ms at 10k endpoints,
+            // which every request would wait for on the request thread.
+            (&Method::GET, "/routes") => offloaded(move || json_response(self.routes_json())).await,
+            (&Method::GET, "/metrics") => offloaded(move || self.metrics()).await,
             (&Method::GET, "/config") => json_response(self.config.redacted_json()),
             (&Method::POST, "/drain") => {
                 tracing::info!("drain requested through the admin API");
@@ -205,6 +207,20 @@ fn text(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     res
+}
+
+/// Render a response through [`crate::offload`]; a 500 if that panicked.
+async fn offloaded<F>(render: F) -> Response<Body>
+where
+    F: FnOnce() -> Response<Body> + Send + 'static,
+{
+    match crate::offload::run(render).await {
+        Ok(res) => res,
+        Err(e) => {
+            tracing::error!(error = %e, "rendering an admin response failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
+        }
+    }
 }
 
 fn json_response(v: serde_json::Value) -> Response<Body> {

@@ -21,7 +21,8 @@
 //! - [`discovery`]: applies typed registry updates and publishes the routing
 //!   snapshot ([`discovery::Table`]) with `ArcSwap`; persists it for restarts.
 //! - [`offload`]: large control-plane jobs (a full registry read, a big table
-//!   rebuild) on a lower-priority thread, off the request thread.
+//!   rebuild, `/routes` and `/metrics`) on a lower-priority thread, off the
+//!   request thread.
 //! - [`balance`]: per-endpoint state (peak-EWMA, in-flight, ejection), retry
 //!   budget, and the pickers (p2c-ewma, round-robin, least-request, random).
 //! - [`outbound`]: the outbound and `local_port` listeners' request path: target,
