@@ -8,7 +8,9 @@
 #
 # usage: cargo build --release && bench/update-stall.sh churn|quiet
 # env:   OUTRIGGER_BIN (default target/release/outrigger), DUR (seconds, 20),
-#        PERF=1 (perf record hop A for 8 s into $OUT/perf.data)
+#        PERF=1 (perf record hop A for 8 s into $OUT/perf.data),
+#        STATE=1 (hop A persists its table: [runtime] state_dir), PERIOD (seconds
+#        between rewrites, 1.1)
 # needs: the shared harness's tools (SETUP_ONLY=1 ../shared/bench/run.sh builds oha
 #        and the upstream), python3, curl
 set -euo pipefail
@@ -49,6 +51,15 @@ cleanup() {
 trap cleanup EXIT
 "$C" start inbound 22002 18090 22012 "$OUT/b"
 "$C" start outbound 22001 22002 22011 "$OUT/a"
+if [ -n "${STATE:-}" ]; then
+    # The adapter's config plus a state dir: hop A restarted with it persists
+    # every table it publishes (at most once a second).
+    "$C" stop "$OUT/a"
+    while kill -0 "$(head -1 "$OUT/a/pids")" 2>/dev/null; do sleep 0.1; done
+    sed -i "s|^worker_threads = 1\$|worker_threads = 1\nstate_dir = \"$OUT/state\"|" "$OUT/a/outrigger.toml"
+    RUST_LOG=warn nohup "$OUTRIGGER_BIN" run --config "$OUT/a/outrigger.toml" >"$OUT/a/stdout.log" 2>&1 </dev/null &
+    echo $! >"$OUT/a/pids"
+fi
 replace() { cp "$OUT/e$1.toml" "$OUT/a/endpoints.toml.new" && mv "$OUT/a/endpoints.toml.new" "$OUT/a/endpoints.toml"; }
 replace 1
 for _ in $(seq 200); do
@@ -59,7 +70,7 @@ done
 curl -s http://127.0.0.1:22011/routes | grep -q svc-3332 || { echo "update-stall: hop A never loaded the 10k table" >&2; exit 1; }
 PA="$(head -1 "$OUT/a/pids")"
 if [ "$MODE" = churn ]; then
-    ( v=2; while :; do replace $v; v=$((3 - v)); sleep 1.1; done ) &
+    ( v=2; while :; do replace $v; v=$((3 - v)); sleep "${PERIOD:-1.1}"; done ) &
     CHURN=$!
 fi
 if [ -n "${PERF:-}" ]; then

@@ -11,7 +11,7 @@
 //! busy machine the kernel prefers the request thread too: the table is
 //! published a little later, and requests do not wait for it.
 
-use tokio::task::JoinError;
+use tokio::task::{JoinError, JoinHandle};
 
 /// `nice` value for threads doing control-plane work: below every request
 /// thread's, far from the lowest (19), so a table still builds promptly
@@ -25,11 +25,21 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    spawn(job).await
+}
+
+/// Start `job` on the blocking pool at lowered priority, for a caller that
+/// checks on it later instead of waiting. Must be called within a tokio
+/// runtime (the pool's own threads count).
+pub fn spawn<T, F>(job: F) -> JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
     tokio::task::spawn_blocking(move || {
         lower_priority();
         job()
     })
-    .await
 }
 
 /// Lower the calling thread's priority (on Linux, `nice` is per thread).

@@ -105,6 +105,11 @@ pub struct Applier {
     /// The published table differs from the state file on disk.
     persist_pending: bool,
     last_persist: Option<Instant>,
+    /// The state-file write in progress, if any. Writes run off the request
+    /// thread (rendering a 10k-endpoint table and `fsync` take milliseconds
+    /// to tens of them) and one at a time, so an older table can never be
+    /// renamed over a newer one.
+    persisting: Option<tokio::task::JoinHandle<()>>,
     /// Services whose routes must be rebuilt at the next publish.
     dirty: Dirty,
 }
@@ -209,6 +214,7 @@ impl Applier {
             generation: 0,
             persist_pending: false,
             last_persist: None,
+            persisting: None,
             dirty: Dirty::All,
         }
     }
@@ -282,7 +288,19 @@ impl Applier {
                 _ = tick.tick() => self.maybe_persist(false),
             }
         }
+        // Shutting down: wait for a write in progress, then write the last
+        // table if it has not been written yet.
+        self.finish_persisting().await;
         self.maybe_persist(true);
+        self.finish_persisting().await;
+    }
+
+    async fn finish_persisting(&mut self) {
+        if let Some(write) = self.persisting.take() {
+            if let Err(e) = write.await {
+                tracing::warn!(error = %e, "persisting the routing table failed");
+            }
+        }
     }
 
     /// Roughly how many records applying `batch` touches: what decides
@@ -739,15 +757,22 @@ impl Applier {
         if !(force || due) {
             return;
         }
-        let table = self.table.load();
-        let records: Vec<EndpointRecord> = table
-            .services
-            .values()
-            .flat_map(|s| s.endpoints.iter().map(|e| (*e.record).clone()))
-            .collect();
-        if let Err(e) = write_state_file(&path, &records) {
-            tracing::warn!(path = %path.display(), error = %e, "could not persist routing table");
+        if self.persisting.as_ref().is_some_and(|w| !w.is_finished()) {
+            // Still writing the previous table: the next tick tries again
+            // (`persist_pending` stays set).
+            return;
         }
+        let table = self.table.load_full();
+        self.persisting = Some(crate::offload::spawn(move || {
+            let records: Vec<EndpointRecord> = table
+                .services
+                .values()
+                .flat_map(|s| s.endpoints.iter().map(|e| (*e.record).clone()))
+                .collect();
+            if let Err(e) = write_state_file(&path, &records) {
+                tracing::warn!(path = %path.display(), error = %e, "could not persist routing table");
+            }
+        }));
         self.last_persist = Some(now);
         self.persist_pending = false;
     }
@@ -825,9 +850,16 @@ mod tests {
     use super::*;
 
     fn applier() -> (Applier, Arc<ArcSwap<Table>>, Arc<Metrics>) {
+        applier_with("")
+    }
+
+    /// An applier whose config has `runtime` as its `[runtime]` section.
+    fn applier_with(runtime: &str) -> (Applier, Arc<ArcSwap<Table>>, Arc<Metrics>) {
         let config = Config::from_str_with_env(
-            "[service]\nname = \"a\"\naddress = \"127.0.0.1:8080\"\ninstance_id = \"a-1\"\n\
-             [registry]\nkind = \"static\"\nfile = \"x.toml\"\n",
+            &format!(
+                "[service]\nname = \"a\"\naddress = \"127.0.0.1:8080\"\ninstance_id = \"a-1\"\n\
+                 [registry]\nkind = \"static\"\nfile = \"x.toml\"\n[runtime]\n{runtime}\n"
+            ),
             [],
         )
         .expect("valid config");
@@ -872,6 +904,51 @@ mod tests {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    /// The state file is written off the runtime thread, and the table
+    /// published last is on disk once the applier has stopped, even when
+    /// it changed while an earlier write was still running.
+    #[tokio::test]
+    async fn the_last_table_is_persisted_by_shutdown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (applier, table, _) = applier_with(&format!(
+            "state_dir = {:?}",
+            dir.path().display().to_string()
+        ));
+        let (tx, rx) = mpsc::channel(UPDATE_CHANNEL);
+        let task = tokio::spawn(applier.run(rx));
+        let file = dir.path().join("routes.toml");
+        for (generation, instance) in [(1, "b-1"), (2, "b-2"), (3, "b-3")] {
+            let endpoint = record(instance, 1000 + generation as u16);
+            // A full read first: only a table some registry has delivered
+            // completely is worth persisting.
+            let update = if generation == 1 {
+                Update::Reset {
+                    endpoints: vec![endpoint],
+                    revision: generation,
+                }
+            } else {
+                Update::Upsert {
+                    endpoint,
+                    revision: generation,
+                }
+            };
+            tx.send(SourcedUpdate { source: 0, update })
+                .await
+                .expect("applier is running");
+            while table.load().generation < generation {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(tx);
+        task.await.expect("applier ends when its senders are gone");
+        let persisted = load_state_file(&file)
+            .expect("readable state file")
+            .expect("a state file was written");
+        let mut persisted: Vec<String> = persisted.iter().map(|r| r.instance.to_string()).collect();
+        persisted.sort();
+        assert_eq!(persisted, ["b-1", "b-2", "b-3"]);
     }
 
     /// A full read of a large registry is applied off the runtime thread:
