@@ -87,24 +87,18 @@ impl Registry for StaticRegistry {
                     Ok(Some((stamp, text))) => {
                         reported_missing = false;
                         // Parsed off the request thread: a 10k-endpoint
-                        // file took ~70 ms to parse (see `offload`).
-                        let (text, parsed) = match crate::offload::run(move || {
+                        // file took ~70 ms to parse (see `offload`). A panic
+                        // in the parser counts as an invalid file; with the
+                        // empty text remembered, this version is skipped
+                        // until the file changes again.
+                        let (text, parsed) = crate::offload::run(move || {
                             let parsed = parse_endpoints(&text);
                             (text, parsed)
                         })
                         .await
-                        {
-                            Ok(done) => done,
-                            Err(e) => {
-                                // Only a panic in the parser gets here. Skip
-                                // this version of the file (its size and mtime
-                                // are remembered) until it changes again.
-                                tracing::error!(file = %self.file.display(), error = %e, "parsing the endpoints file failed; keeping the previous table");
-                                last = Some((stamp.0, stamp.1, String::new()));
-                                tokio::time::sleep(self.poll_interval).await;
-                                continue;
-                            }
-                        };
+                        .unwrap_or_else(|e| {
+                            (String::new(), Err(format!("the parser failed: {e}")))
+                        });
                         match parsed {
                             Ok(endpoints) => {
                                 revision += 1;
