@@ -55,7 +55,14 @@ fi
 UP=$BASE A=$((BASE + 1)) B=$((BASE + 2))
 mkdir -p "$OUT_DIR"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# Waits for the processes to exit: a sidecar under valgrind takes seconds to write its
+# last dump, and a run started meanwhile would find its ports still taken.
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  done
+}
 trap cleanup EXIT
 
 "$UPSTREAM_BIN" "$UP" >"$OUT_DIR/upstream.log" 2>&1 &
