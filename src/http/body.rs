@@ -66,6 +66,11 @@ pin_project! {
         Empty,
         Full { data: Option<Bytes> },
         Incoming { #[pin] inner: Incoming },
+        // A response from a peer over our own HTTP/2 client
+        // (`outbound::h2_client`). `length` is the content-length the head
+        // announced; `data_done` is set once the data frames have ended and
+        // only the trailers remain.
+        H2 { recv: h2::RecvStream, length: Option<u64>, data_done: bool },
     }
 }
 
@@ -104,6 +109,31 @@ impl Body {
             guard: None,
             idle: None,
             in_flight: None,
+        }
+    }
+
+    /// A response body received on a stream of our own HTTP/2 client;
+    /// `length` is the head's content-length, if any.
+    pub fn h2(recv: h2::RecvStream, length: Option<u64>) -> Self {
+        Body {
+            kind: Kind::H2 {
+                recv,
+                length,
+                data_done: false,
+            },
+            guard: None,
+            idle: None,
+            in_flight: None,
+        }
+    }
+
+    /// The whole body if it is held in memory (`None`: empty), else the
+    /// body itself back.
+    pub fn into_full(self) -> Result<Option<Bytes>, Body> {
+        match self.kind {
+            Kind::Empty => Ok(None),
+            Kind::Full { data } => Ok(data),
+            _ => Err(self),
         }
     }
 
@@ -147,6 +177,7 @@ impl Body {
             Kind::Empty => true,
             Kind::Full { data } => data.is_none(),
             Kind::Incoming { inner } => http_body::Body::is_end_stream(inner),
+            Kind::H2 { recv, .. } => recv.is_end_stream(),
         }
     }
 }
@@ -193,6 +224,9 @@ impl http_body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
+            KindProj::H2 {
+                recv, data_done, ..
+            } => poll_h2(recv, data_done, cx),
         };
         let res = match (res, this.idle.as_mut()) {
             (Poll::Pending, Some(idle)) => {
@@ -249,7 +283,39 @@ impl http_body::Body for Body {
                 SizeHint::with_exact(data.as_ref().map(|d| d.len() as u64).unwrap_or(0))
             }
             Kind::Incoming { inner } => http_body::Body::size_hint(inner),
+            Kind::H2 { length, .. } => match length {
+                Some(n) => SizeHint::with_exact(*n),
+                None => SizeHint::default(),
+            },
         }
+    }
+}
+
+/// The next frame of an HTTP/2 response: data, then trailers, then the end.
+/// Each data frame's window is released as it is handed on, so the peer may
+/// send more only as fast as our reader takes it.
+fn poll_h2(
+    recv: &mut h2::RecvStream,
+    data_done: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    if !*data_done {
+        match recv.poll_data(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(data))) => {
+                // Fails only if more is released than was received.
+                let _ = recv.flow_control().release_capacity(data.len());
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => *data_done = true,
+        }
+    }
+    match recv.poll_trailers(cx) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+        Poll::Ready(Ok(None)) => Poll::Ready(None),
+        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e.into()))),
     }
 }
 

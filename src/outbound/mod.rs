@@ -15,6 +15,7 @@
 
 pub mod dial;
 pub mod h1_pool;
+pub mod h2_client;
 pub mod pool;
 pub mod retry;
 pub mod route;
@@ -376,41 +377,51 @@ impl Outbound {
                         TryOutcome::Response(into_response(res, guard, policy.idle_timeout))
                     }
                 }
-                Ok(Err(mut e)) => {
+                Ok(Err(TryError::Unsent {
+                    request: unsent,
+                    error: e,
+                })) => {
+                    let unsent = *unsent;
                     let h1 = matches!(sender, PeerSender::H1(_));
-                    if let Some(unsent) = e.take_message() {
-                        // Refused before any byte left: safe for any method.
-                        if h1 && stale_h1 < MAX_STALE_H1 {
-                            stale_h1 += 1;
-                            tracing::debug!(request_id = ?request_id, endpoint = %ep.state.addr, error = %e.error(), "pooled HTTP/1.1 connection closed; trying again");
-                            tried.pop();
-                            pending = Some(unsent);
-                            continue;
-                        }
-                        if !h1 {
-                            ep.state.pool.invalidate();
-                        }
-                        self.record_failure(routes, pick.index, Failure::Connect, policy);
+                    // Refused before any byte left: safe for any method.
+                    if h1 && stale_h1 < MAX_STALE_H1 {
+                        stale_h1 += 1;
+                        tracing::debug!(request_id = ?request_id, endpoint = %ep.state.addr, error = %e, "pooled HTTP/1.1 connection closed; trying again");
+                        tried.pop();
                         pending = Some(unsent);
-                        last_err = Some(ProxyError::Connect {
-                            service: service.to_string(),
-                            endpoint: ep.state.addr.to_string(),
-                            message: e.error().to_string(),
-                        });
                         continue;
                     }
-                    let e = e.into_error();
-                    ep.state.pool.note_request_error(&e);
+                    if !h1 {
+                        ep.state.pool.invalidate();
+                    }
+                    self.record_failure(routes, pick.index, Failure::Connect, policy);
+                    pending = Some(unsent);
+                    last_err = Some(ProxyError::Connect {
+                        service: service.to_string(),
+                        endpoint: ep.state.addr.to_string(),
+                        message: error_chain(&*e),
+                    });
+                    continue;
+                }
+                Ok(Err(TryError::Failed {
+                    error: e,
+                    connection,
+                    timeout,
+                })) => {
+                    let h1 = matches!(sender, PeerSender::H1(_));
+                    if timeout {
+                        ep.state.pool.note_timeout();
+                    }
                     self.record_failure(routes, pick.index, Failure::Gateway, policy);
                     // A broken HTTP/1.1 connection is simply not
                     // returned; the HTTP/2 one may be fine.
-                    if !h1 && (e.is_closed() || e.is_canceled()) {
+                    if !h1 && connection {
                         ep.state.pool.invalidate();
                     }
                     let err = ProxyError::Upstream {
                         service: service.to_string(),
                         endpoint: ep.state.addr.to_string(),
-                        message: error_chain(&e),
+                        message: error_chain(&*e),
                     };
                     let retry_ok = idempotent
                         && matches!(body, ReqBody::Kept(_))
@@ -629,7 +640,11 @@ impl Outbound {
                 return Ok(Response::from_parts(parts, Body::empty()));
             }
             let guard = ep.state.start();
-            return Ok(into_response(res, guard, policy.idle_timeout));
+            return Ok(into_response(
+                res.map(Body::incoming),
+                guard,
+                policy.idle_timeout,
+            ));
         }
     }
 }
@@ -694,32 +709,70 @@ fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
 }
 
 fn into_response(
-    res: Response<Incoming>,
+    res: Response<Body>,
     guard: balance::LoadGuard,
     idle: std::time::Duration,
 ) -> Response<Body> {
     let (mut parts, body) = res.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    let body = Body::incoming(body)
-        .with_guard(guard)
-        .with_idle_timeout(idle);
+    let body = body.with_guard(guard).with_idle_timeout(idle);
     Response::from_parts(parts, body)
 }
 
 /// A connection to a peer, of either kind ([`pool`]).
 enum PeerSender {
     H1(h1_pool::H1Sender),
-    H2(hyper::client::conn::http2::SendRequest<Body>),
+    H2(h2_client::H2Sender),
+}
+
+/// A failed try, from either kind of connection.
+enum TryError {
+    /// Refused before any byte left: the request comes back.
+    Unsent {
+        request: Box<Request<Body>>,
+        error: crate::http::body::BoxError,
+    },
+    /// Sent, or partly sent.
+    Failed {
+        error: crate::http::body::BoxError,
+        /// The connection itself failed (not just this request's stream).
+        connection: bool,
+        /// hyper timed out on the connection: the peer stopped answering.
+        timeout: bool,
+    },
 }
 
 impl PeerSender {
-    async fn try_send_request(
-        &mut self,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>> {
+    async fn try_send_request(&mut self, req: Request<Body>) -> Result<Response<Body>, TryError> {
         match self {
-            PeerSender::H1(s) => s.try_send_request(req).await,
-            PeerSender::H2(s) => s.try_send_request(req).await,
+            PeerSender::H1(s) => match s.try_send_request(req).await {
+                Ok(res) => Ok(res.map(Body::incoming)),
+                Err(mut e) => match e.take_message() {
+                    Some(request) => Err(TryError::Unsent {
+                        request: Box::new(request),
+                        error: e.into_error().into(),
+                    }),
+                    None => {
+                        let e = e.into_error();
+                        Err(TryError::Failed {
+                            connection: e.is_closed() || e.is_canceled(),
+                            timeout: e.is_timeout(),
+                            error: e.into(),
+                        })
+                    }
+                },
+            },
+            PeerSender::H2(s) => s.send(req).await.map_err(|e| match e {
+                h2_client::SendError::Unsent { request, error } => TryError::Unsent {
+                    request,
+                    error: error.into(),
+                },
+                h2_client::SendError::Failed { error, connection } => TryError::Failed {
+                    error,
+                    connection,
+                    timeout: false,
+                },
+            }),
         }
     }
 }

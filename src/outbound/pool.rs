@@ -31,8 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -40,6 +40,7 @@ use tokio::time::Instant;
 
 use super::dial::{self, PeerStream, PeerTls};
 use super::h1_pool::{H1Pool, H1Sender, OpenConn, DEFAULT_IDLE_EXPIRY};
+use super::h2_client::{self, Ended, H2Sender};
 use crate::http::Body;
 use crate::tls::Tls;
 
@@ -131,7 +132,7 @@ pub struct PeerPool {
     peer: Option<PeerTls>,
     /// The live connection, if any. A std mutex: held only to clone or
     /// replace the sender, never across an await.
-    ready: Mutex<Option<http2::SendRequest<Body>>>,
+    ready: Mutex<Option<H2Sender>>,
     /// Serializes connects so a burst of requests makes one connection.
     connecting: tokio::sync::Mutex<()>,
     last_failure: Mutex<Option<(Instant, ConnectError)>>,
@@ -172,10 +173,7 @@ impl PeerPool {
     }
 
     /// A ready HTTP/2 sender, connecting if needed.
-    pub async fn get(
-        &self,
-        connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+    pub async fn get(&self, connect_timeout: Duration) -> Result<H2Sender, ConnectError> {
         if let Some(s) = self.ready_sender() {
             return Ok(s);
         }
@@ -205,7 +203,7 @@ impl PeerPool {
 
     /// The pooled connection if it is live, without waiting (the request
     /// path's fast path; [`PeerPool::get`] connects when this is `None`).
-    pub fn ready(&self) -> Option<http2::SendRequest<Body>> {
+    pub fn ready(&self) -> Option<H2Sender> {
         self.ready_sender()
     }
 
@@ -215,18 +213,13 @@ impl PeerPool {
             .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Learn from a sent request's own error, before its failure is
-    /// recorded. hyper's keep-alive PING is the only timer on a peer
-    /// connection, so a hyper timeout means the peer stopped answering:
-    /// mark it hung here. The connection task marks it too, but it may run
-    /// after the requests it failed, and then their failures would be
-    /// counted as ordinary ones and the ejection would wait for a later
-    /// request.
-    pub fn note_request_error(&self, e: &hyper::Error) {
-        if e.is_timeout() {
-            self.unresponsive
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+    /// Learn from a request's own error on a pooled HTTP/1.1 connection,
+    /// before its failure is recorded: a hyper timeout there means the peer
+    /// stopped answering, and the caller reports it here. (The HTTP/2 connection's task marks the peer hung
+    /// before it fails the streams open on it, so its requests need not.)
+    pub fn note_timeout(&self) {
+        self.unresponsive
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Forget the current connection (after a connection-level error).
@@ -322,7 +315,7 @@ impl PeerPool {
         }
     }
 
-    fn ready_sender(&self) -> Option<http2::SendRequest<Body>> {
+    fn ready_sender(&self) -> Option<H2Sender> {
         let mut r = self.ready.lock().ok()?;
         match r.as_ref() {
             Some(s) if !s.is_closed() => Some(s.clone()),
@@ -406,10 +399,7 @@ impl PeerPool {
             .map_err(|m| self.err(m))
     }
 
-    async fn connect_h2(
-        &self,
-        timeout: Duration,
-    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+    async fn connect_h2(&self, timeout: Duration) -> Result<H2Sender, ConnectError> {
         let started = Instant::now();
         let stream = self.dial(timeout, true, started).await?;
         let (first_bytes_tx, first_bytes) = oneshot::channel();
@@ -417,34 +407,36 @@ impl PeerPool {
             inner: stream,
             notify: Some(first_bytes_tx),
         };
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake(TokioIo::new(io))
+        let settings = h2_client::Settings {
+            stream_window: STREAM_WINDOW,
+            connection_window: CONNECTION_WINDOW,
+            keepalive_interval: KEEPALIVE_INTERVAL,
+            keepalive_timeout: KEEPALIVE_TIMEOUT,
+        };
+        let (sender, conn) = h2_client::handshake(io, &settings)
             .await
             .map_err(|e| self.err(format!("HTTP/2 handshake: {e}")))?;
         let addr = self.addr.clone();
         let unresponsive = self.unresponsive.clone();
         let hung = self.settings.hung.clone();
         let h1 = self.h1.clone();
+        let handle = sender.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                if e.is_timeout() {
-                    tracing::warn!(endpoint = %addr, "peer stopped answering HTTP/2 PINGs; connection dropped");
-                    // Before the requests on them fail: they must find the
-                    // endpoint marked hung.
-                    unresponsive.store(true, std::sync::atomic::Ordering::Relaxed);
-                    h1.close_all();
-                    if let Some(tx) = hung {
-                        let _ = tx.try_send(addr);
-                    }
-                } else {
-                    tracing::debug!(endpoint = %addr, error = %e, "peer connection closed");
+            let on_hung = || {
+                tracing::warn!(endpoint = %addr, "peer stopped answering HTTP/2 PINGs; connection dropped");
+                // Before the requests on them fail: they must find the
+                // endpoint marked hung.
+                unresponsive.store(true, std::sync::atomic::Ordering::Relaxed);
+                h1.close_all();
+                if let Some(tx) = hung {
+                    let _ = tx.try_send(addr.clone());
                 }
+            };
+            match h2_client::drive(conn, &handle, settings, on_hung).await {
+                Ended::Closed(Some(e)) => {
+                    tracing::debug!(endpoint = %addr, error = %e, "peer connection closed")
+                }
+                Ended::Closed(None) | Ended::Hung => {}
             }
         });
         // The peer proves it is alive by answering our preface with its
