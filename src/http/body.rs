@@ -182,6 +182,20 @@ impl Body {
     }
 }
 
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Empty => "empty",
+            Kind::Full { .. } => "full",
+            Kind::Incoming { .. } => "incoming",
+            Kind::H2 { .. } => "h2",
+        };
+        f.debug_struct("Body")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for Body {
     fn default() -> Self {
         Body::empty()

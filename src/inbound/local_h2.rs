@@ -19,20 +19,26 @@
 use std::sync::Mutex;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::local_pool::{connect_error, dial, upstream_error};
 use crate::http::{Body, ProxyError};
-use crate::outbound::error_chain;
+use crate::outbound::h2_client::{self, H2Sender, SendError};
+
+/// hyper's client defaults, which this connection had before it moved to
+/// our own client ([`h2_client`]): a service streaming to a local caller
+/// is not held back by the window.
+const SETTINGS: h2_client::Settings = h2_client::Settings {
+    stream_window: 2 * 1024 * 1024,
+    connection_window: 5 * 1024 * 1024,
+    keepalive: None,
+};
 
 /// The HTTP/2 connection to the local service at one address.
 pub struct LocalH2 {
     address: String,
     /// The open connection's sender; `None` before the first request.
     /// Held only to clone or replace the sender.
-    sender: Mutex<Option<http2::SendRequest<Body>>>,
+    sender: Mutex<Option<H2Sender>>,
     /// Held while a connection is being opened, so that a burst of requests
     /// opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
@@ -49,7 +55,7 @@ impl LocalH2 {
     }
 
     /// Send `req` (absolute URI, HTTP/2) and return the response head.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
         let mut fresh = false;
         loop {
             let mut sender = match self.current() {
@@ -59,43 +65,47 @@ impl LocalH2 {
                     self.connect().await?
                 }
             };
-            match sender.try_send_request(req).await {
+            match sender.send(req).await {
                 Ok(res) => return Ok(res),
-                Err(mut e) => match e.take_message() {
-                    // Handed back unsent: the connection was closing. One
-                    // more try, on a connection opened for it.
-                    Some(unsent) if !fresh => {
-                        fresh = true;
-                        req = unsent;
-                    }
-                    _ => return Err(upstream_error(&self.address, e.error())),
-                },
+                // Handed back unsent: the connection was closing. One
+                // more try, on a connection opened for it.
+                Err(SendError::Unsent { request, .. }) if !fresh => {
+                    fresh = true;
+                    req = *request;
+                }
+                Err(SendError::Unsent { error, .. }) => {
+                    return Err(upstream_error(&self.address, &error))
+                }
+                Err(SendError::Failed { error, .. }) => {
+                    return Err(upstream_error(&self.address, &*error))
+                }
             }
         }
     }
 
     /// A clone of the open connection's sender, if it is still open. A
     /// closed one stays stored until `connect` replaces it.
-    fn current(&self) -> Option<http2::SendRequest<Body>> {
+    fn current(&self) -> Option<H2Sender> {
         let slot = self.sender.lock().ok()?;
         slot.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    async fn connect(&self) -> Result<http2::SendRequest<Body>, ProxyError> {
+    async fn connect(&self) -> Result<H2Sender, ProxyError> {
         let _connecting = self.connecting.lock().await;
         // Whoever held the lock before may have connected already.
         if let Some(sender) = self.current() {
             return Ok(sender);
         }
         let stream = dial(&self.address).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
+        let (sender, conn) = h2_client::handshake(stream, &SETTINGS)
             .await
-            .map_err(|e| connect_error(&self.address, error_chain(&e)))?;
+            .map_err(|e| connect_error(&self.address, e.to_string()))?;
         let address = self.address.clone();
+        let handle = sender.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let h2_client::Ended::Closed(Some(e)) =
+                h2_client::drive(conn, &handle, SETTINGS, || {}).await
+            {
                 tracing::debug!(address = %address, error = %e, "local service HTTP/2 connection ended");
             }
         });
@@ -111,6 +121,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
@@ -167,7 +178,7 @@ mod tests {
         req
     }
 
-    async fn body_text(res: Response<Incoming>) -> Bytes {
+    async fn body_text(res: Response<Body>) -> Bytes {
         res.into_body().collect().await.unwrap().to_bytes()
     }
 

@@ -181,6 +181,7 @@ impl Inbound {
             self.http1
                 .send(Request::from_parts(parts, Body::incoming(body)))
                 .await?
+                .map(Body::incoming)
         } else {
             // Assembled from parsed parts (the path shared, the authority
             // parsed at start-up), not re-parsed from text for every request.
@@ -195,7 +196,7 @@ impl Inbound {
         };
         let (mut parts, body) = res.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, Body::incoming(body)))
+        Ok(Response::from_parts(parts, body))
     }
 
     async fn relay_upgrade(

@@ -44,10 +44,18 @@ pub struct Settings {
     pub stream_window: u32,
     /// Connection-level receive window.
     pub connection_window: u32,
+    /// PINGs to detect a hung peer; `None` for none (the local service,
+    /// on loopback, is watched by its health check instead).
+    pub keepalive: Option<Keepalive>,
+}
+
+/// The keep-alive schedule of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
     /// How often the connection is PINGed, busy or idle.
-    pub keepalive_interval: Duration,
+    pub interval: Duration,
     /// How long a PING may go unanswered before the peer counts as hung.
-    pub keepalive_timeout: Duration,
+    pub timeout: Duration,
 }
 
 /// A handle that opens streams on one connection. Cheap to clone: each
@@ -140,14 +148,18 @@ pub async fn drive<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let ended = match conn.ping_pong() {
-        Some(pings) => {
+    let pings = match settings.keepalive {
+        Some(k) => conn.ping_pong().map(|p| (p, k)),
+        None => None,
+    };
+    let ended = match pings {
+        Some((pings, schedule)) => {
             // The keep-alive loop wakes once a second; the connection on
             // every frame. Behind `Woken` the loop is polled only when its
             // own timer or pong wakes it, not on every frame.
             // `None` once it has ended: a finished future must not be
             // polled again, and a late wake-up could otherwise do so.
-            let mut keepalive = Some(Woken::new(keepalive(pings, settings)));
+            let mut keepalive = Some(Woken::new(keepalive(pings, schedule)));
             let mut conn = conn;
             let ended = poll_fn(|cx| {
                 if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
@@ -187,11 +199,10 @@ enum KeepaliveEnd {
     Closed,
 }
 
-async fn keepalive(mut pings: h2::PingPong, settings: Settings) -> KeepaliveEnd {
+async fn keepalive(mut pings: h2::PingPong, schedule: Keepalive) -> KeepaliveEnd {
     loop {
-        tokio::time::sleep(settings.keepalive_interval).await;
-        match tokio::time::timeout(settings.keepalive_timeout, pings.ping(h2::Ping::opaque())).await
-        {
+        tokio::time::sleep(schedule.interval).await;
+        match tokio::time::timeout(schedule.timeout, pings.ping(h2::Ping::opaque())).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return KeepaliveEnd::Closed,
             Err(_) => return KeepaliveEnd::Hung,
@@ -353,8 +364,10 @@ mod tests {
     const FAST: Settings = Settings {
         stream_window: 64 * 1024,
         connection_window: 256 * 1024,
-        keepalive_interval: Duration::from_millis(50),
-        keepalive_timeout: Duration::from_millis(100),
+        keepalive: Some(Keepalive {
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(100),
+        }),
     };
 
     /// An HTTP/2 server (hyper's) that echoes the request body with a

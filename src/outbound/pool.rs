@@ -410,8 +410,10 @@ impl PeerPool {
         let settings = h2_client::Settings {
             stream_window: STREAM_WINDOW,
             connection_window: CONNECTION_WINDOW,
-            keepalive_interval: KEEPALIVE_INTERVAL,
-            keepalive_timeout: KEEPALIVE_TIMEOUT,
+            keepalive: Some(h2_client::Keepalive {
+                interval: KEEPALIVE_INTERVAL,
+                timeout: KEEPALIVE_TIMEOUT,
+            }),
         };
         let (sender, conn) = h2_client::handshake(io, &settings)
             .await
