@@ -148,49 +148,42 @@ pub async fn drive<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let pings = match settings.keepalive {
-        Some(k) => conn.ping_pong().map(|p| (p, k)),
+    // The keep-alive loop wakes once a second; the connection on every
+    // frame. Behind `Woken` the loop is polled only when its own timer or
+    // pong wakes it, not on every frame. `None` without keep-alive, and once
+    // the loop has ended: a finished future must not be polled again, and a
+    // late wake-up could otherwise do so.
+    let mut keepalive = match settings.keepalive {
+        Some(schedule) => conn
+            .ping_pong()
+            .map(|pings| Woken::new(keepalive(pings, schedule))),
         None => None,
     };
-    let ended = match pings {
-        Some((pings, schedule)) => {
-            // The keep-alive loop wakes once a second; the connection on
-            // every frame. Behind `Woken` the loop is polled only when its
-            // own timer or pong wakes it, not on every frame.
-            // `None` once it has ended: a finished future must not be
-            // polled again, and a late wake-up could otherwise do so.
-            let mut keepalive = Some(Woken::new(keepalive(pings, schedule)));
-            let mut conn = conn;
-            let ended = poll_fn(|cx| {
-                if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
-                    return Poll::Ready(Ended::Closed(r.err()));
-                }
-                let Some(k) = keepalive.as_mut() else {
-                    return Poll::Pending;
-                };
-                match Pin::new(k).poll(cx) {
-                    Poll::Ready(KeepaliveEnd::Hung) => Poll::Ready(Ended::Hung),
-                    // The PING handle reports the connection gone; the
-                    // connection's own future says why on its next poll.
-                    Poll::Ready(KeepaliveEnd::Closed) => {
-                        keepalive = None;
-                        Poll::Pending
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            })
-            .await;
-            if matches!(ended, Ended::Hung) {
-                sender.closed.store(true, Ordering::Release);
-                on_hung();
-            }
-            // Dropping the connection fails its open streams.
-            drop(conn);
-            ended
+    let ended = poll_fn(|cx| {
+        if let Poll::Ready(r) = Pin::new(&mut conn).poll(cx) {
+            return Poll::Ready(Ended::Closed(r.err()));
         }
-        None => Ended::Closed((&mut conn).await.err()),
-    };
+        let Some(k) = keepalive.as_mut() else {
+            return Poll::Pending;
+        };
+        match Pin::new(k).poll(cx) {
+            Poll::Ready(KeepaliveEnd::Hung) => Poll::Ready(Ended::Hung),
+            // The PING handle reports the connection gone; the
+            // connection's own future says why on its next poll.
+            Poll::Ready(KeepaliveEnd::Closed) => {
+                keepalive = None;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
     sender.closed.store(true, Ordering::Release);
+    if matches!(ended, Ended::Hung) {
+        on_hung();
+    }
+    // Dropping the connection fails its open streams, after `on_hung`.
+    drop(conn);
     ended
 }
 

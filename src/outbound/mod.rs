@@ -406,12 +406,8 @@ impl Outbound {
                 Ok(Err(TryError::Failed {
                     error: e,
                     connection,
-                    timeout,
                 })) => {
                     let h1 = matches!(sender, PeerSender::H1(_));
-                    if timeout {
-                        ep.state.pool.note_timeout();
-                    }
                     self.record_failure(routes, pick.index, Failure::Gateway, policy);
                     // A broken HTTP/1.1 connection is simply not
                     // returned; the HTTP/2 one may be fine.
@@ -737,8 +733,6 @@ enum TryError {
         error: crate::http::body::BoxError,
         /// The connection itself failed (not just this request's stream).
         connection: bool,
-        /// hyper timed out on the connection: the peer stopped answering.
-        timeout: bool,
     },
 }
 
@@ -756,7 +750,6 @@ impl PeerSender {
                         let e = e.into_error();
                         Err(TryError::Failed {
                             connection: e.is_closed() || e.is_canceled(),
-                            timeout: e.is_timeout(),
                             error: e.into(),
                         })
                     }
@@ -767,11 +760,9 @@ impl PeerSender {
                     request,
                     error: error.into(),
                 },
-                h2_client::SendError::Failed { error, connection } => TryError::Failed {
-                    error,
-                    connection,
-                    timeout: false,
-                },
+                h2_client::SendError::Failed { error, connection } => {
+                    TryError::Failed { error, connection }
+                }
             }),
         }
     }

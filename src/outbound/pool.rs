@@ -213,15 +213,6 @@ impl PeerPool {
             .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Learn from a request's own error on a pooled HTTP/1.1 connection,
-    /// before its failure is recorded: a hyper timeout there means the peer
-    /// stopped answering, and the caller reports it here. (The HTTP/2 connection's task marks the peer hung
-    /// before it fails the streams open on it, so its requests need not.)
-    pub fn note_timeout(&self) {
-        self.unresponsive
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// Forget the current connection (after a connection-level error).
     pub fn invalidate(&self) {
         if let Ok(mut r) = self.ready.lock() {
