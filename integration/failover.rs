@@ -61,8 +61,14 @@ async fn kill9_of_a_peer_sidecar_fails_no_request() {
         report.outcomes()
     );
     assert!(report.total() >= 1990);
+    // Failing over from a refused or reset connection costs one retry, well
+    // under a millisecond; the bound only has to tell that apart from a
+    // request that waited on the dead peer (a 1 s connect timeout, the 3 s
+    // TTL). The p99 of the window's ~400 requests is its 4th-slowest one, so
+    // a 10 ms margin was within a busy 2-core VM's scheduling hiccups (a CI
+    // run on 2026-12-03 saw 2.7 -> 16.5 ms with every request served).
     assert!(
-        during.p99() <= before.p99() + Duration::from_millis(10),
+        during.p99() <= before.p99() + Duration::from_millis(50),
         "p99 rose from {:?} to {:?}",
         before.p99(),
         during.p99()
