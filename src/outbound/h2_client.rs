@@ -302,6 +302,12 @@ fn has_payload_semantics(method: &http::Method) -> bool {
 
 /// Copy a streaming request body onto its stream, frame by frame, waiting
 /// for window before each frame so a fast client cannot fill our memory.
+///
+/// A reset from the peer stops the copy at once, also while the body has
+/// nothing to give: otherwise a client that holds its upload open would
+/// keep this task, its connection's in-flight count and the endpoint's
+/// load guard alive until the body's idle timeout, for a stream the peer
+/// has already given up.
 async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) {
     loop {
         // At least one byte of window before the next frame is read.
@@ -317,7 +323,18 @@ async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) {
                 None => return,
             }
         }
-        let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let frame = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending => match stream.poll_reset(cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        })
+        .await;
+        let Some(frame) = frame else {
+            tracing::debug!("request body: stream reset by the peer");
+            return;
+        };
         let res = match frame {
             None => stream.send_data(Bytes::new(), true),
             Some(Err(e)) => {
@@ -463,6 +480,69 @@ mod tests {
         .await
         .expect("a body past the window was not relayed");
         assert_eq!(got_len(res), 300 * 1024);
+    }
+
+    #[tokio::test]
+    async fn a_reset_from_the_peer_releases_an_upload_that_has_stalled() {
+        // The peer answers at once and never reads the upload, so hyper's
+        // server resets the stream when its response ends.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                Ok::<_, hyper::Error>(Response::new(http_body_util::Empty::<Bytes>::new()))
+            });
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await
+                .ok();
+        });
+        let (sender, _task) = connect(addr, || {}).await;
+
+        // The upload comes from an HTTP/1.1 client, relayed as the sidecar
+        // does; its body carries the relay connection's in-flight token,
+        // which is released only when the body is dropped.
+        let conn = Arc::new(crate::http::conn_guard::ConnGuard::default());
+        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        let relay_conn = conn.clone();
+        tokio::spawn(async move {
+            let (s, _) = relay.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let mut sender = sender.clone();
+                let in_flight = relay_conn.request_in_flight();
+                async move {
+                    let req = req.map(|b| Body::incoming(b).with_in_flight(in_flight));
+                    sender.send(req).await.map_err(|e| format!("{e:?}"))
+                }
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await
+                .ok();
+        });
+        let io = TcpStream::connect(relay_addr).await.unwrap();
+        let (mut client, client_conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .unwrap();
+        tokio::spawn(client_conn);
+        // One chunk, then the upload stalls: `_tx` stays open to the end.
+        let (mut _tx, body) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(4);
+        _tx.send_data(Bytes::from_static(b"first")).await.unwrap();
+        let req = Request::post("http://b.test/upload").body(body).unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(10), client.send_request(req))
+            .await
+            .expect("no response")
+            .unwrap();
+        assert_eq!(res.status(), 200);
+
+        // The relayed body, and with it the in-flight token, is dropped
+        // once the reset arrives, not when the stalled upload ends.
+        tokio::time::timeout(Duration::from_secs(10), conn.idle(Duration::from_millis(1)))
+            .await
+            .expect("the stalled upload was still held after the peer reset its stream");
     }
 
     fn got_len(c: http_body_util::Collected<Bytes>) -> usize {
