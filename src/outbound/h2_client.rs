@@ -367,6 +367,7 @@ async fn pipe(mut body: Body, mut stream: h2::SendStream<Bytes>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::conn_guard::ConnGuard;
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
     use tokio::net::{TcpListener, TcpStream};
@@ -441,31 +442,8 @@ mod tests {
 
         // A streaming body larger than the stream window is piped as the
         // peer grants window, and the response's window is released as it
-        // is read (else the 300 KiB echo would stall at 64 KiB). A streaming
-        // body comes from a connection, so an HTTP/1.1 hop relays it, as the
-        // sidecar does.
-        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let relay_addr = relay.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (s, _) = relay.accept().await.unwrap();
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let mut sender = sender.clone();
-                async move {
-                    let req = req.map(Body::incoming);
-                    sender.send(req).await.map_err(|e| format!("{e:?}"))
-                }
-            });
-            hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                .await
-                .ok();
-        });
-        let io = TcpStream::connect(relay_addr).await.unwrap();
-        let (mut client, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        // is read (else the 300 KiB echo would stall at 64 KiB).
+        let mut client = h1_relay(sender, Arc::default()).await;
         let (mut tx, body) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(4);
         tokio::spawn(async move {
             for _ in 0..300 {
@@ -500,34 +478,10 @@ mod tests {
         });
         let (sender, _task) = connect(addr, || {}).await;
 
-        // The upload comes from an HTTP/1.1 client, relayed as the sidecar
-        // does; its body carries the relay connection's in-flight token,
+        // The relayed body carries the relay connection's in-flight token,
         // which is released only when the body is dropped.
-        let conn = Arc::new(crate::http::conn_guard::ConnGuard::default());
-        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let relay_addr = relay.local_addr().unwrap();
-        let relay_conn = conn.clone();
-        tokio::spawn(async move {
-            let (s, _) = relay.accept().await.unwrap();
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let mut sender = sender.clone();
-                let in_flight = relay_conn.request_in_flight();
-                async move {
-                    let req = req.map(|b| Body::incoming(b).with_in_flight(in_flight));
-                    sender.send(req).await.map_err(|e| format!("{e:?}"))
-                }
-            });
-            hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                .await
-                .ok();
-        });
-        let io = TcpStream::connect(relay_addr).await.unwrap();
-        let (mut client, client_conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-                .await
-                .unwrap();
-        tokio::spawn(client_conn);
+        let conn = Arc::new(ConnGuard::default());
+        let mut client = h1_relay(sender, conn.clone()).await;
         // One chunk, then the upload stalls: `_tx` stays open to the end.
         let (mut _tx, body) = http_body_util::channel::Channel::<Bytes, hyper::Error>::new(4);
         _tx.send_data(Bytes::from_static(b"first")).await.unwrap();
@@ -543,6 +497,42 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), conn.idle(Duration::from_millis(1)))
             .await
             .expect("the stalled upload was still held after the peer reset its stream");
+    }
+
+    /// An HTTP/1.1 hop in front of `sender`, and a client connected to it.
+    /// A streaming body comes from a connection, so the tests relay one as
+    /// the sidecar does; each relayed body holds an in-flight token of
+    /// `conn` until it is dropped.
+    async fn h1_relay(
+        sender: H2Sender,
+        conn: Arc<ConnGuard>,
+    ) -> hyper::client::conn::http1::SendRequest<
+        http_body_util::channel::Channel<Bytes, hyper::Error>,
+    > {
+        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = relay.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let mut sender = sender.clone();
+                let in_flight = conn.request_in_flight();
+                async move {
+                    let req = req.map(|b| Body::incoming(b).with_in_flight(in_flight));
+                    sender.send(req).await.map_err(|e| format!("{e:?}"))
+                }
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await
+                .ok();
+        });
+        let io = TcpStream::connect(relay_addr).await.unwrap();
+        let (client, client_conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .unwrap();
+        tokio::spawn(client_conn);
+        client
     }
 
     fn got_len(c: http_body_util::Collected<Bytes>) -> usize {
