@@ -71,6 +71,9 @@ pin_project! {
         // announced; `data_done` is set once the data frames have ended and
         // only the trailers remain.
         H2 { recv: h2::RecvStream, length: Option<u64>, data_done: bool },
+        // Any other streaming body (a response read off a connection to
+        // the local service by `inbound::local_h1`).
+        Boxed { inner: Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync>> },
     }
 }
 
@@ -120,6 +123,20 @@ impl Body {
                 recv,
                 length,
                 data_done: false,
+            },
+            guard: None,
+            idle: None,
+            in_flight: None,
+        }
+    }
+
+    /// Any other streaming body.
+    pub fn boxed(
+        inner: impl http_body::Body<Data = Bytes, Error = BoxError> + Send + Sync + 'static,
+    ) -> Self {
+        Body {
+            kind: Kind::Boxed {
+                inner: Box::pin(inner),
             },
             guard: None,
             idle: None,
@@ -178,6 +195,7 @@ impl Body {
             Kind::Full { data } => data.is_none(),
             Kind::Incoming { inner } => http_body::Body::is_end_stream(inner),
             Kind::H2 { recv, .. } => recv.is_end_stream(),
+            Kind::Boxed { inner } => inner.is_end_stream(),
         }
     }
 }
@@ -189,6 +207,7 @@ impl std::fmt::Debug for Body {
             Kind::Full { .. } => "full",
             Kind::Incoming { .. } => "incoming",
             Kind::H2 { .. } => "h2",
+            Kind::Boxed { .. } => "boxed",
         };
         f.debug_struct("Body")
             .field("kind", &kind)
@@ -241,6 +260,7 @@ impl http_body::Body for Body {
             KindProj::H2 {
                 recv, data_done, ..
             } => poll_h2(recv, data_done, cx),
+            KindProj::Boxed { inner } => inner.as_mut().poll_frame(cx),
         };
         let res = match (res, this.idle.as_mut()) {
             (Poll::Pending, Some(idle)) => {
@@ -301,6 +321,7 @@ impl http_body::Body for Body {
                 Some(n) => SizeHint::with_exact(*n),
                 None => SizeHint::default(),
             },
+            Kind::Boxed { inner } => inner.size_hint(),
         }
     }
 }

@@ -1,12 +1,14 @@
-//! Keep-alive HTTP/1.1 connections to the local service.
+//! Keep-alive HTTP/1.1 connections to the local service, on hyper's client,
+//! for requests that carry a body (bodiless ones go through the leaner
+//! [`super::local_h1`]).
 //!
 //! hyper-util's pooled `Client` did this job before. Per request, it hashes
 //! a pool key, races a checkout against a fresh connect, rewrites the URI,
 //! and spawns a task that puts the connection back once it is ready again.
 //! callgrind priced its `send_request` at about 7.5k instructions per
 //! request on hop B of the bench chain. There is one local service and one
-//! address here, so none of that is needed. The pool is a list of idle
-//! hyper senders behind a mutex, held only to push or pop.
+//! address here, so none of that is needed: the pool is an [`IdleList`] of
+//! hyper senders.
 //!
 //! A connection goes back on the list as soon as its response head arrives.
 //! While its body still streams, the sender is not ready, so checkouts pass
@@ -14,16 +16,15 @@
 //! list therefore never needs more connections than there are exchanges in
 //! flight.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::time::Instant;
 
+use super::idle::{IdleList, Pooled, State};
 use crate::http::{Body, ProxyError};
 use crate::outbound::error_chain;
 
@@ -31,29 +32,23 @@ use crate::outbound::error_chain;
 /// slower than this means it is not listening.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Idle connections are closed after this (the old client's setting).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// At most this many idle connections are kept; a burst's extra ones close
-/// when they come back.
-const MAX_IDLE: usize = 256;
-
-/// How often idle connections are checked for expiry while no request
-/// comes to do it.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-
-struct Idle {
-    sender: http1::SendRequest<Body>,
-    since: Instant,
+impl Pooled for http1::SendRequest<Body> {
+    fn state(&mut self) -> State {
+        if self.is_closed() {
+            State::Closed
+        } else if self.is_ready() {
+            State::Ready
+        } else {
+            // Its response body is still streaming.
+            State::Busy
+        }
+    }
 }
 
 /// The HTTP/1.1 pool for the local service at one address.
 pub struct LocalPool {
     address: String,
-    /// Oldest first, so expiry trims the front and checkouts pop the back
-    /// (the most recently used connection, whose buffers are warm).
-    idle: Mutex<Vec<Idle>>,
-    sweeper: AtomicBool,
+    idle: Arc<IdleList<http1::SendRequest<Body>>>,
 }
 
 impl LocalPool {
@@ -61,8 +56,7 @@ impl LocalPool {
     pub fn new(address: String) -> Arc<Self> {
         Arc::new(LocalPool {
             address,
-            idle: Mutex::new(Vec::new()),
-            sweeper: AtomicBool::new(false),
+            idle: IdleList::new(),
         })
     }
 
@@ -72,18 +66,15 @@ impl LocalPool {
     /// closed it while it sat idle) is dropped and the next one is tried,
     /// whatever the method: nothing reached the service. A request that was
     /// written and then lost is not retried here.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, ProxyError> {
         loop {
-            let (mut sender, reused) = match self.checkout() {
+            let (mut sender, reused) = match self.idle.checkout() {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(res) => {
-                    self.checkin(sender);
+                    self.idle.checkin(sender);
                     return Ok(res);
                 }
                 Err(mut e) => match e.take_message() {
@@ -91,54 +82,6 @@ impl LocalPool {
                     _ => return Err(upstream_error(&self.address, e.error())),
                 },
             }
-        }
-    }
-
-    #[cfg(test)]
-    fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
-    }
-
-    fn checkout(&self) -> Option<http1::SendRequest<Body>> {
-        let mut idle = self.idle.lock().ok()?;
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            if idle[i].sender.is_closed() {
-                idle.remove(i);
-            } else if idle[i].sender.is_ready() {
-                return Some(idle.remove(i).sender);
-            }
-            // Otherwise its response body is still streaming: leave it.
-        }
-        None
-    }
-
-    fn checkin(self: &Arc<Self>, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
-        if !self.sweeper.swap(true, Ordering::Relaxed) {
-            // Started here, not in `new`, because this always runs inside
-            // the runtime.
-            tokio::spawn(sweep(Arc::downgrade(self)));
-        }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE {
-                idle.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
-        }
-    }
-
-    /// Drop connections idle longer than [`IDLE_TIMEOUT`] or already closed.
-    fn expire(&self, now: Instant) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|i| {
-                !i.sender.is_closed() && now.saturating_duration_since(i.since) < IDLE_TIMEOUT
-            });
         }
     }
 
@@ -189,47 +132,17 @@ pub fn upstream_error(address: &str, e: &dyn std::error::Error) -> ProxyError {
     }
 }
 
-/// Expire idle connections periodically, for as long as the pool lives.
-async fn sweep(pool: Weak<LocalPool>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        pool.expire(Instant::now());
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::idle::IDLE_TIMEOUT;
+    use super::super::test_server::{read_head, server};
     use super::*;
     use bytes::Bytes;
     use http_body_util::BodyExt;
-    use std::sync::atomic::AtomicUsize;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// Accepts connections on a free loopback port, counts them, and runs
-    /// `serve` on each with its 0-based index.
-    async fn server<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
-    where
-        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let n = count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, n));
-            }
-        });
-        (addr, accepted)
-    }
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use tokio::io::AsyncWriteExt;
+    use tokio::time::Instant;
 
     /// A keep-alive HTTP/1.1 server (hyper's) that answers "ok".
     async fn counting_server() -> (String, Arc<AtomicUsize>) {
@@ -265,20 +178,7 @@ mod tests {
             assert_eq!(body_text(res).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        assert_eq!(pool.idle_count(), 1);
-    }
-
-    /// Read one request head from a raw connection; false at EOF.
-    async fn read_head(stream: &mut TcpStream) -> bool {
-        let mut buf = [0u8; 4096];
-        let mut seen = Vec::new();
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-        true
+        assert_eq!(pool.idle.len(), 1);
     }
 
     #[tokio::test]
@@ -342,7 +242,7 @@ mod tests {
         }
         let made = accepted.load(Ordering::SeqCst);
         assert!((1..=8).contains(&made), "{made} connections");
-        assert_eq!(pool.idle_count(), made);
+        assert_eq!(pool.idle.len(), made);
     }
 
     #[tokio::test]
@@ -386,10 +286,11 @@ mod tests {
         let (addr, _) = counting_server().await;
         let pool = LocalPool::new(addr);
         body_text(pool.send(get()).await.unwrap()).await;
-        assert_eq!(pool.idle_count(), 1);
-        pool.expire(Instant::now() + IDLE_TIMEOUT - Duration::from_secs(1));
-        assert_eq!(pool.idle_count(), 1, "not yet");
-        pool.expire(Instant::now() + IDLE_TIMEOUT);
-        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(pool.idle.len(), 1);
+        pool.idle
+            .expire(Instant::now() + IDLE_TIMEOUT - Duration::from_secs(1));
+        assert_eq!(pool.idle.len(), 1, "not yet");
+        pool.idle.expire(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(pool.idle.len(), 0);
     }
 }

@@ -27,8 +27,13 @@ use crate::http::{Body, ProxyError};
 use crate::metrics::{Metrics, RequestMetrics};
 use crate::tls::{PeerIdentity, Tls};
 
+mod idle;
+mod local_h1;
 mod local_h2;
 mod local_pool;
+#[cfg(test)]
+mod test_server;
+use local_h1::LocalH1;
 use local_h2::LocalH2;
 use local_pool::LocalPool;
 
@@ -48,7 +53,11 @@ pub struct Inbound {
     /// `None` if the address is not a valid authority (then every request
     /// fails with a clear error rather than the sidecar refusing to start).
     local_authority: Option<Authority>,
-    /// HTTP/1.1 keep-alive connections (most traffic).
+    /// HTTP/1.1 keep-alive connections for bodiless, idempotent requests
+    /// (most traffic), on our own lean client.
+    lean_h1: LocalH1,
+    /// HTTP/1.1 keep-alive connections on hyper's client, for requests
+    /// with a body.
     http1: Arc<LocalPool>,
     /// One multiplexed HTTP/2 connection (gRPC, h2c callers).
     http2: LocalH2,
@@ -68,6 +77,7 @@ impl Inbound {
         Inbound {
             local: config.service.address.clone(),
             local_authority: Authority::try_from(config.service.address.as_str()).ok(),
+            lean_h1: LocalH1::new(config.service.address.clone()),
             http1: LocalPool::new(config.service.address.clone()),
             http2: LocalH2::new(config.service.address.clone()),
             tls,
@@ -178,10 +188,14 @@ impl Inbound {
             // rebuilt from :authority above).
             parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
-            self.http1
-                .send(Request::from_parts(parts, Body::incoming(body)))
-                .await?
-                .map(Body::incoming)
+            if local_h1::fits(&parts, http_body::Body::is_end_stream(&body)) {
+                self.lean_h1.send(&parts).await?
+            } else {
+                self.http1
+                    .send(Request::from_parts(parts, Body::incoming(body)))
+                    .await?
+                    .map(Body::incoming)
+            }
         } else {
             // Assembled from parsed parts (the path shared, the authority
             // parsed at start-up), not re-parsed from text for every request.
