@@ -1,10 +1,12 @@
 //! Inbound: calls from peer sidecars (and, on the ingress listener, from
 //! clients outside the mesh) to the local service.
 //!
-//! The local service is reached over a keep-alive pool. The protocol follows
-//! the original caller's: the calling sidecar marks requests that started as
-//! HTTP/1.1 (`x-outrigger-orig-proto`), and everything else (gRPC, h2c) goes
-//! out as HTTP/2. Upgrades get a dedicated HTTP/1.1 connection.
+//! The local service is reached over keep-alive pools: a lean HTTP/1.1
+//! client for bodiless idempotent requests, hyper's for the rest, and one
+//! HTTP/2 connection. The protocol follows the original caller's: the
+//! calling sidecar marks requests that started as HTTP/1.1
+//! (`x-outrigger-orig-proto`), and everything else (gRPC, h2c) goes out as
+//! HTTP/2. Upgrades get a dedicated HTTP/1.1 connection.
 //!
 //! With mTLS, each inbound request is authorized first: the caller's
 //! identity comes from its verified client certificate (never from a
