@@ -135,7 +135,7 @@ pub fn upstream_error(address: &str, e: &dyn std::error::Error) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::super::idle::IDLE_TIMEOUT;
-    use super::super::test_server::{read_head, server};
+    use super::super::test_server::{closed_port, read_head, server};
     use super::*;
     use bytes::Bytes;
     use http_body_util::BodyExt;
@@ -271,9 +271,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_service_that_is_not_listening_is_a_connect_error() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        drop(listener);
+        let addr = closed_port();
         let pool = LocalPool::new(addr.clone());
         match pool.send(get()).await {
             Err(ProxyError::LocalConnect { address, .. }) => assert_eq!(address, addr),

@@ -45,3 +45,9 @@ pub async fn read_request_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     }
     Some(seen)
 }
+
+/// A loopback address nothing listens on (bound, then released).
+pub fn closed_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}

@@ -185,10 +185,6 @@ impl LocalH1 {
                 self.reuse(conn, head.keep_alive);
                 Body::full(data)
             }
-            Framing::Length(0) => {
-                self.reuse(conn, head.keep_alive);
-                Body::empty()
-            }
             framing => Body::boxed(ResponseBody::new(
                 conn,
                 framing,

@@ -8,7 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::inbound::test_server::{read_request_head, server};
+use crate::inbound::test_server::{closed_port, read_request_head, server};
 
 fn parts(method: Method, target: &str) -> Parts {
     let mut req = Request::new(());
@@ -348,9 +348,7 @@ async fn a_response_with_both_framings_follows_chunked_and_is_not_reused() {
 
 #[tokio::test]
 async fn a_service_that_is_not_listening_is_a_connect_error() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    drop(listener);
+    let addr = closed_port();
     match LocalH1::new(addr.clone()).send(&get()).await {
         Err(ProxyError::LocalConnect { address, .. }) => assert_eq!(address, addr),
         other => panic!("expected LocalConnect, got {other:?}"),
