@@ -12,7 +12,6 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -47,7 +46,7 @@ impl Admin {
     /// Serve one admin request.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<Body>,
         _remote: SocketAddr,
     ) -> Response<Body> {
         match (req.method(), req.uri().path()) {

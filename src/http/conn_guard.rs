@@ -101,6 +101,10 @@ pub struct GuardedIo<T> {
     /// While a head is partly read: when the connection is given up.
     head_deadline: Option<Pin<Box<Sleep>>>,
     framing: Framing,
+    /// While the lean HTTP/1.1 loop reads (`http::h1_server`), it parses
+    /// and times every head itself, so the tracker waits: parsing each head
+    /// twice cost ~1.3k instructions per request. See [`GuardedIo::resume`].
+    deferred: bool,
 }
 
 // === impl ConnGuard ===
@@ -200,6 +204,29 @@ impl<T> GuardedIo<T> {
             head_timeout: header_read_timeout,
             head_deadline: None,
             framing: Framing::new(max_head_bytes, max_headers),
+            deferred: false,
+        }
+    }
+
+    /// Stop following heads until [`GuardedIo::resume`]: the reader parses,
+    /// checks and times them itself. The first-request deadline still runs.
+    pub fn defer(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Follow heads again, starting at a head boundary with `replay`, the
+    /// bytes the reader has read but not consumed. A head left incomplete
+    /// in them must complete by `head_deadline` (when it began, plus the
+    /// header read timeout), or by a full timeout from now if not given.
+    pub fn resume(&mut self, replay: &[u8], head_deadline: Option<tokio::time::Instant>) {
+        self.deferred = false;
+        if let Some(why) = self.framing.feed(replay) {
+            let _ = self.guard.ambiguous.set(why);
+        }
+        if self.framing.mid_head() {
+            let at =
+                head_deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.head_timeout);
+            self.head_deadline = Some(Box::pin(tokio::time::sleep_until(at)));
         }
     }
 }
@@ -239,6 +266,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
             return Poll::Pending;
         }
         ready!(read)?;
+        if this.deferred {
+            return Poll::Ready(Ok(()));
+        }
         if this.framing.is_active() {
             if let Some(why) = this.framing.feed(&buf.filled()[before..]) {
                 let _ = this.guard.ambiguous.set(why);

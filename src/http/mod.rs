@@ -6,6 +6,7 @@ pub mod body;
 pub mod conn_guard;
 pub mod error;
 pub mod framing;
+pub mod h1_server;
 pub mod headers;
 pub mod server;
 pub mod upgrade;

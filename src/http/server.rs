@@ -43,6 +43,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::conn_guard::{ConnGuard, GuardedIo};
 use super::error::respond;
+use super::h1_server;
 use super::woken::Woken;
 use super::{Body, ProxyError};
 use crate::config::Limits;
@@ -116,7 +117,7 @@ fn refuse(err: &ProxyError, version: http::Version, listener: &'static str) -> R
 
 /// Log why a connection ended; clients' faults (garbage, timeouts) at
 /// info, so an operator sees an attack without a debug build of the logs.
-fn log_connection_end(
+pub(super) fn log_connection_end(
     listener: &'static str,
     peer: SocketAddr,
     e: &(dyn std::error::Error + 'static),
@@ -158,7 +159,7 @@ pub async fn serve<H, F>(
     drain_timeout: Duration,
     tls: Option<Arc<Tls>>,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Body>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let builder = Arc::new(builder(&limits));
@@ -258,7 +259,7 @@ impl Conn {
     async fn serve<I, H, F>(self, io: I, handler: H, identity: Option<PeerIdentity>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+        H: Fn(Request<Body>, SocketAddr) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<Body>> + Send + 'static,
     {
         let Conn {
@@ -277,13 +278,62 @@ impl Conn {
         // handshake (bounded on its own) is done.
         let guard = Arc::new(ConnGuard::default());
         let idle_guard = guard.clone();
-        let io = GuardedIo::new(
+        let mut io = GuardedIo::new(
             io,
             guard.clone(),
             header_read_timeout,
             max_header_bytes.max(HYPER_MIN_BUF),
             max_headers,
         );
+        // Resolves to `true` when the connection has idled out, `false` when
+        // the listener drains. Wrapped in `Woken` so that the task's many
+        // wake-ups for the connection do not poll the timer and the watch
+        // channel each time (see `woken`).
+        let closer = Woken::new(async move {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut drain) => false,
+                _ = idle_guard.idle(idle_timeout) => true,
+            }
+        });
+        let mut closer = std::pin::pin!(closer);
+        // Set once `closer` has resolved: the connection closes after its
+        // current request (HTTP/1) or streams (HTTP/2).
+        let mut closing = false;
+
+        // Bodiless HTTP/1.1 requests are served by the lean loop; the first
+        // request it does not serve hands the connection to hyper.
+        let prefix = {
+            let ctx = h1_server::Ctx {
+                guard: &guard,
+                limits: h1_server::Limits {
+                    max_header_bytes,
+                    max_headers,
+                },
+                max_buf: max_header_bytes.max(HYPER_MIN_BUF),
+                header_read_timeout,
+                identity: identity.as_ref(),
+                name,
+                remote,
+            };
+            io.defer();
+            let served =
+                h1_server::serve(&mut io, &handler, &ctx, closer.as_mut(), &mut closing).await;
+            match served {
+                h1_server::Outcome::Closed => {
+                    drop(open);
+                    return;
+                }
+                h1_server::Outcome::Handoff {
+                    prefix,
+                    head_deadline,
+                } => {
+                    io.resume(&prefix, head_deadline);
+                    prefix
+                }
+            }
+        };
+        let io = h1_server::Prefixed::new(prefix, io);
         let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             // Dropped with the response body, or with this future if the
             // client goes away (an HTTP/2 reset) before the response.
@@ -313,7 +363,7 @@ impl Conn {
             // (callgrind: memcpy was ~23% of the calling sidecar's
             // instructions per request before; bench/README.md).
             let relay = match refused {
-                None => Ok(Box::pin(handler(req, remote))),
+                None => Ok(Box::pin(handler(req.map(Body::incoming), remote))),
                 Some(err) => Err(err),
             };
             async move {
@@ -333,23 +383,28 @@ impl Conn {
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         let mut conn = std::pin::pin!(conn);
-        // Resolves to `true` when the connection has idled out, `false` when
-        // the listener drains. Wrapped in `Woken` so that the task's many
-        // wake-ups for the connection do not poll the timer and the watch
-        // channel each time (see `woken`).
-        let closer = Woken::new(async move {
-            tokio::select! {
-                biased;
-                _ = stopped(&mut drain) => false,
-                _ = idle_guard.idle(idle_timeout) => true,
+        if closing {
+            // The drain (or idle timeout) came while the lean loop ran, and
+            // hyper has a request to serve first: let it begin that request,
+            // then shut down gracefully, which finishes it and closes.
+            let first = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+                std::task::Poll::Pending => std::task::Poll::Ready(None),
+            })
+            .await;
+            if let Some(ended) = first {
+                if let Err(e) = ended {
+                    log_connection_end(name, remote, e.as_ref());
+                }
+                drop(open);
+                return;
             }
-        });
-        let mut closer = std::pin::pin!(closer);
+            conn.as_mut().graceful_shutdown();
+        }
         // Graceful shutdown (HTTP/1: close once the current response is
         // done, or now if between requests; HTTP/2: GOAWAY, then close once
         // the open streams finish), for an idle connection or on drain,
         // whichever comes first; hyper must keep being polled to finish it.
-        let mut closing = false;
         let ended = loop {
             tokio::select! {
                 // The connection first: it is what nearly every wake-up is for.
@@ -379,7 +434,7 @@ impl Conn {
 /// plaintext, without an identity.
 async fn serve_tls<H, F>(conn: Conn, stream: TcpStream, handler: H, tls: &Tls)
 where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Body>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     if tls.permissive() {

@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
@@ -91,7 +90,7 @@ impl Inbound {
     /// Handle one request from a peer (or an outside client).
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         remote: SocketAddr,
         direction: Direction,
     ) -> Response<Body> {
@@ -126,7 +125,7 @@ impl Inbound {
     /// name, and a caller not in `tls.allow` is refused. A plaintext
     /// request (permissive mode only) has no identity to offer: the header
     /// is removed and `allow` cannot apply.
-    fn authorize(&self, req: &mut Request<Incoming>) -> Result<(), ProxyError> {
+    fn authorize(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
         let Some(tls) = &self.tls else {
             return Ok(());
         };
@@ -145,7 +144,7 @@ impl Inbound {
 
     async fn relay(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         request_id: &HeaderValue,
     ) -> Result<Response<Body>, ProxyError> {
         let upgrade = headers::is_upgrade(req.headers());
@@ -194,7 +193,7 @@ impl Inbound {
                 self.lean_h1.send(&parts).await?
             } else {
                 self.http1
-                    .send(Request::from_parts(parts, Body::incoming(body)))
+                    .send(Request::from_parts(parts, body))
                     .await?
                     .map(Body::incoming)
             }
@@ -207,7 +206,7 @@ impl Inbound {
             uri.path_and_query = Some(pq);
             parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
             parts.version = Version::HTTP_2;
-            let req = Request::from_parts(parts, Body::incoming(body));
+            let req = Request::from_parts(parts, body);
             self.http2.send(req).await?
         };
         let (mut parts, body) = res.into_parts();
@@ -218,7 +217,7 @@ impl Inbound {
     async fn relay_upgrade(
         &self,
         parts: http::request::Parts,
-        body: Incoming,
+        body: Body,
         client_upgrade: hyper::upgrade::OnUpgrade,
         request_id: &HeaderValue,
     ) -> Result<Response<Body>, ProxyError> {
@@ -230,7 +229,7 @@ impl Inbound {
             let _ = conn.with_upgrades().await;
         });
         let mut res = sender
-            .send_request(Request::from_parts(parts, Body::incoming(body)))
+            .send_request(Request::from_parts(parts, body))
             .await
             .map_err(|e| local_pool::upstream_error(&self.local, &e))?;
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::balance::{self, Failure, PickError};
@@ -96,7 +95,7 @@ impl Outbound {
     /// an `[[upstreams]] local_port` listener.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<Body>,
         remote: SocketAddr,
         fixed: Option<Arc<str>>,
     ) -> Response<Body> {
@@ -141,7 +140,7 @@ impl Outbound {
 
     async fn relay(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         remote: SocketAddr,
         routes: &Arc<ServiceRoutes>,
         request_id: &HeaderValue,
@@ -575,7 +574,7 @@ impl Outbound {
     async fn relay_upgrade(
         &self,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: Body,
         client_upgrade: hyper::upgrade::OnUpgrade,
         routes: &Arc<ServiceRoutes>,
         policy: &UpstreamPolicy,
@@ -616,7 +615,7 @@ impl Outbound {
             let Some(b) = body.take() else {
                 return Err(last_err.unwrap_or(ProxyError::NoEndpoints(service.to_string())));
             };
-            let req = Request::from_parts(clone_parts(&parts), Body::incoming(b));
+            let req = Request::from_parts(clone_parts(&parts), b);
             let mut res = sender
                 .send_request(req)
                 .await
@@ -690,7 +689,7 @@ fn build_try(
     };
     let body = match body {
         ReqBody::Kept(b) => Body::full(b.clone()),
-        ReqBody::Stream(s) => Body::incoming(s.take()?),
+        ReqBody::Stream(s) => s.take()?,
     };
     Some(Request::from_parts(head, body))
 }

@@ -9,9 +9,9 @@
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::http::headers::IDEMPOTENCY_KEY;
+use crate::http::{body::BoxError, Body};
 
 /// Largest request body kept in memory so the request can be retried.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -22,7 +22,7 @@ pub enum ReqBody {
     /// Complete and small: can be sent again.
     Kept(Bytes),
     /// Streaming: can be sent once; `None` after it was.
-    Stream(Option<Incoming>),
+    Stream(Option<Body>),
 }
 
 /// Endpoints a request has tried, by index. Nearly every request tries one
@@ -108,7 +108,7 @@ pub fn is_retryable_status(status: StatusCode) -> bool {
 }
 
 /// Keep the body when it is known to be small; otherwise stream it.
-pub async fn prepare(body: Incoming) -> Result<ReqBody, hyper::Error> {
+pub async fn prepare(body: Body) -> Result<ReqBody, BoxError> {
     use http_body::Body as _;
     if body.is_end_stream() {
         return Ok(ReqBody::Kept(Bytes::new()));
