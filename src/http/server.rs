@@ -8,7 +8,12 @@
 //! (e.g. EMFILE), as mini-redis does. On shutdown the loop stops accepting
 //! and in-flight connections get `drain_timeout` to finish.
 //!
-//! Below hyper, every connection is a [`GuardedIo`]: a client must send a
+//! HTTP/1.1 requests without a body are served by our own loop
+//! ([`super::h1_server`]); the first request it does not serve hands the
+//! connection to hyper (HTTP/1 with bodies and upgrades, HTTP/2) for the rest
+//! of its life.
+//!
+//! Below both, every connection is a [`GuardedIo`]: a client must send a
 //! complete first request within the header read timeout (hyper's own
 //! timeout starts only after the protocol is known), and an HTTP/1 request
 //! whose framing is ambiguous (request smuggling) makes every request on
