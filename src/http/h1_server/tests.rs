@@ -366,6 +366,18 @@ async fn a_repeated_host_is_refused_by_the_smuggling_check() {
 }
 
 #[tokio::test]
+async fn a_repeated_content_length_is_refused_even_when_both_are_zero() {
+    let (addr, _drain) = listener().await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = response(&mut s, &mut Vec::new()).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    closed(&mut s).await;
+}
+
+#[tokio::test]
 async fn the_http2_preface_goes_to_hyper() {
     let (addr, _drain) = listener().await;
     let s = TcpStream::connect(addr).await.unwrap();
