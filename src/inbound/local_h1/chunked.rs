@@ -70,7 +70,12 @@ impl Decoder {
                     }
                     match httparse::parse_chunk_size(buf) {
                         Ok(httparse::Status::Complete((used, size))) => {
-                            self.line_bytes += used;
+                            // Only what follows the size and precedes the
+                            // line end counts: a long body of small chunks
+                            // has many size lines, and no extensions.
+                            let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+                            let ending = if buf[..used].ends_with(b"\r\n") { 2 } else { 1 };
+                            self.line_bytes += used.saturating_sub(digits + ending);
                             if self.line_bytes > MAX_EXTENSION_BYTES {
                                 return Err("chunk extensions too large");
                             }
@@ -205,6 +210,25 @@ mod tests {
             // Whatever was fed past the body stays in the buffer.
             assert!(b"NEXT".starts_with(&rest), "step {step}: {rest:?}");
         }
+    }
+
+    #[test]
+    fn size_lines_are_not_extensions() {
+        // 20,000 one-byte chunks: 60,000 bytes of size lines, no extension.
+        let mut wire = b"1\r\nx\r\n".repeat(20_000);
+        wire.extend_from_slice(b"0\r\n\r\n");
+        let (data, _, _) = decode_in_steps(&wire, 4096).unwrap();
+        assert_eq!(data.len(), 20_000);
+    }
+
+    #[test]
+    fn extensions_past_the_per_body_limit_are_an_error() {
+        let one = [b"1;".as_slice(), &[b'x'; 1000], b"\r\nx\r\n"].concat();
+        let wire = one.repeat(MAX_EXTENSION_BYTES / 1000 + 2);
+        assert_eq!(
+            decode_in_steps(&wire, 4096).unwrap_err(),
+            "chunk extensions too large"
+        );
     }
 
     #[test]
