@@ -38,32 +38,50 @@ pub trait Pooled: Send + 'static {
     fn state(&mut self) -> State;
 }
 
+#[derive(Debug)]
 struct Entry<C> {
     conn: C,
     since: Instant,
 }
 
 /// Idle connections to one address.
+#[derive(Debug)]
 pub struct IdleList<C> {
     /// Oldest first, so expiry trims the front and checkouts pop the back
     /// (the most recently used connection, whose buffers are warm).
     idle: Mutex<Vec<Entry<C>>>,
     sweeper: AtomicBool,
+    /// How long a connection may sit idle before it is closed.
+    timeout: Duration,
 }
 
 impl<C: Pooled> IdleList<C> {
-    /// An empty list.
+    /// An empty list whose connections expire after [`IDLE_TIMEOUT`].
     pub fn new() -> Arc<Self> {
+        Self::with_timeout(IDLE_TIMEOUT)
+    }
+
+    /// An empty list whose connections expire after `timeout`.
+    pub fn with_timeout(timeout: Duration) -> Arc<Self> {
         Arc::new(IdleList {
             idle: Mutex::new(Vec::new()),
             sweeper: AtomicBool::new(false),
+            timeout,
         })
     }
 
-    /// The most recently used ready connection, dropping closed ones on the
-    /// way.
+    /// The most recently used ready connection, dropping closed and
+    /// expired ones on the way.
     pub fn checkout(&self) -> Option<C> {
         let mut idle = self.idle.lock().ok()?;
+        // The sweep runs only every so often; a connection past its time
+        // is never handed out, whoever is first to notice.
+        if let Some(oldest) = idle.first() {
+            let now = Instant::now();
+            if now.saturating_duration_since(oldest.since) >= self.timeout {
+                idle.retain(|e| now.saturating_duration_since(e.since) < self.timeout);
+            }
+        }
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
@@ -104,20 +122,32 @@ impl<C: Pooled> IdleList<C> {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
-    /// Drop connections idle longer than [`IDLE_TIMEOUT`] or already closed.
+    /// Drop connections idle longer than the list's timeout or already
+    /// closed.
     pub fn expire(&self, now: Instant) {
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain_mut(|e| {
                 e.conn.state() != State::Closed
-                    && now.saturating_duration_since(e.since) < IDLE_TIMEOUT
+                    && now.saturating_duration_since(e.since) < self.timeout
             });
+        }
+    }
+
+    /// Close every idle connection.
+    pub fn clear(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
         }
     }
 }
 
 /// Expire idle connections periodically, for as long as the list lives.
 async fn sweep<C: Pooled>(list: Weak<IdleList<C>>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    let every = match list.upgrade() {
+        Some(l) => SWEEP_INTERVAL.min(l.timeout),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {

@@ -28,8 +28,8 @@ use crate::http::{Body, ProxyError};
 use crate::metrics::{Metrics, RequestMetrics};
 use crate::tls::{PeerIdentity, Tls};
 
-mod idle;
-mod local_h1;
+pub(crate) mod idle;
+pub(crate) mod local_h1;
 mod local_h2;
 mod local_pool;
 #[cfg(test)]

@@ -35,6 +35,7 @@ use crate::discovery::{self, ServiceRoutes, Table};
 use crate::http::error::respond;
 use crate::http::headers::{self, CALLER, ORIG_PROTO};
 use crate::http::{Body, ProxyError};
+use crate::inbound::local_h1;
 use crate::metrics::{Metrics, RequestMetrics};
 use pool::H1Route;
 use retry::{ReqBody, Tried};
@@ -200,8 +201,13 @@ impl Outbound {
         }
 
         let idempotent = retry::is_idempotent(&parts.method, &parts.headers);
+        let empty_body = http_body::Body::is_end_stream(&body);
+        // Bodiless idempotent HTTP/1.1 requests (most of a mesh's calls)
+        // take lean connections when they go over HTTP/1.1: see
+        // `h1_pool` and `local_h1`.
+        let lean = use_h1 && local_h1::fits(&parts, empty_body);
         // An empty body (most GETs) needs no reading, and so no timer.
-        let prepared = if http_body::Body::is_end_stream(&body) {
+        let prepared = if empty_body {
             Ok(Ok(ReqBody::Kept(bytes::Bytes::new())))
         } else {
             tokio::time::timeout_at(deadline, retry::prepare(body)).await
@@ -282,12 +288,20 @@ impl Outbound {
             // path is boxed so its large future (TCP, TLS, HTTP/2 handshake)
             // is not carried inline by every request's future.
             let pool = &ep.state.pool;
+            let lean = lean && pool.lean_ok();
             let route = match use_h1 {
-                true => pool.h1_route(),
+                true => pool.h1_route(lean),
                 false => H1Route::NeedH2,
             };
             let sender = match route {
                 H1Route::Idle(s) => Ok(Ok(PeerSender::H1(s))),
+                H1Route::Lean(conn) => Ok(Ok(PeerSender::lean(conn, true, pool))),
+                H1Route::Dial(slot) if lean => tokio::time::timeout_at(
+                    deadline,
+                    Box::pin(pool.dial_lean(slot, policy.connect_timeout)),
+                )
+                .await
+                .map(|r| r.map(|conn| PeerSender::lean(conn, false, pool))),
                 H1Route::Dial(slot) => tokio::time::timeout_at(
                     deadline,
                     Box::pin(pool.dial_h1(slot, policy.connect_timeout)),
@@ -336,7 +350,7 @@ impl Outbound {
             // (re)made, and back if it was refused there unsent.
             let request = match (&sender, request.version() == Version::HTTP_2) {
                 (PeerSender::H2(_), false) => as_h2(request, service)?,
-                (PeerSender::H1(_), true) => as_h1(request, service)?,
+                (PeerSender::H1(_) | PeerSender::Lean { .. }, true) => as_h1(request, service)?,
                 _ => request,
             };
             let guard = ep.state.start();
@@ -351,9 +365,11 @@ impl Outbound {
                 Ok(Ok(res)) => {
                     // The connection goes back to the pool when the
                     // response body ends.
+                    // (A lean connection has gone back already, or goes
+                    // back when its body has been read.)
                     let guard = match sender {
                         PeerSender::H1(s) => guard.with_h1(s),
-                        PeerSender::H2(_) => guard,
+                        PeerSender::H2(_) | PeerSender::Lean { .. } => guard,
                     };
                     let status = res.status();
                     if status.is_server_error() {
@@ -381,7 +397,7 @@ impl Outbound {
                     error: e,
                 })) => {
                     let unsent = *unsent;
-                    let h1 = matches!(sender, PeerSender::H1(_));
+                    let h1 = sender.is_h1();
                     // Refused before any byte left: safe for any method.
                     if h1 && stale_h1 < MAX_STALE_H1 {
                         stale_h1 += 1;
@@ -406,7 +422,7 @@ impl Outbound {
                     error: e,
                     connection,
                 })) => {
-                    let h1 = matches!(sender, PeerSender::H1(_));
+                    let h1 = sender.is_h1();
                     self.record_failure(routes, pick.index, Failure::Gateway, policy);
                     // A broken HTTP/1.1 connection is simply not
                     // returned; the HTTP/2 one may be fine.
@@ -714,9 +730,17 @@ fn into_response(
     Response::from_parts(parts, body)
 }
 
-/// A connection to a peer, of either kind ([`pool`]).
+/// A connection to a peer, of any kind ([`pool`]).
 enum PeerSender {
+    /// hyper's HTTP/1.1 client.
     H1(h1_pool::H1Sender),
+    /// A lean HTTP/1.1 connection ([`local_h1`]), used once.
+    Lean {
+        conn: Option<local_h1::Conn>,
+        /// Taken from the idle list, so possibly closed by the peer since.
+        reused: bool,
+        pool: Arc<h1_pool::H1Pool>,
+    },
     H2(h2_client::H2Sender),
 }
 
@@ -736,8 +760,42 @@ enum TryError {
 }
 
 impl PeerSender {
+    fn lean(conn: local_h1::Conn, reused: bool, pool: &pool::PeerPool) -> Self {
+        PeerSender::Lean {
+            conn: Some(conn),
+            reused,
+            pool: pool.h1_pool().clone(),
+        }
+    }
+
+    fn is_h1(&self) -> bool {
+        !matches!(self, PeerSender::H2(_))
+    }
+
     async fn try_send_request(&mut self, req: Request<Body>) -> Result<Response<Body>, TryError> {
         match self {
+            PeerSender::Lean { conn, reused, pool } => {
+                let Some(conn) = conn.take() else {
+                    return Err(TryError::Failed {
+                        error: "lean connection already used".into(),
+                        connection: true,
+                    });
+                };
+                let (parts, body) = req.into_parts();
+                match pool.exchange_lean(conn, &parts).await {
+                    Ok(res) => Ok(res),
+                    // The peer closed a pooled connection before it read
+                    // the request: nothing was processed.
+                    Err(h1_pool::LeanError::Stale) if *reused => Err(TryError::Unsent {
+                        request: Box::new(Request::from_parts(parts, body)),
+                        error: "pooled HTTP/1.1 connection closed".into(),
+                    }),
+                    Err(e) => Err(TryError::Failed {
+                        error: e.into(),
+                        connection: true,
+                    }),
+                }
+            }
             PeerSender::H1(s) => match s.try_send_request(req).await {
                 Ok(res) => Ok(res.map(Body::incoming)),
                 Err(mut e) => match e.take_message() {

@@ -42,6 +42,7 @@ use super::dial::{self, PeerStream, PeerTls};
 use super::h1_pool::{H1Pool, H1Sender, OpenConn, DEFAULT_IDLE_EXPIRY};
 use super::h2_client::{self, Ended, H2Sender};
 use crate::http::Body;
+use crate::inbound::local_h1;
 use crate::tls::Tls;
 
 /// PING interval on sidecar-to-sidecar connections.
@@ -65,6 +66,8 @@ const FAILED_CONNECT_MEMORY: Duration = Duration::from_millis(250);
 pub enum H1Route {
     /// On this idle pooled HTTP/1.1 connection.
     Idle(H1Sender),
+    /// On this idle lean connection ([`PeerPool::h1_route`] with `lean`).
+    Lean(local_h1::Conn),
     /// On a new HTTP/1.1 connection ([`PeerPool::dial_h1`]), which has its
     /// place under the cap: the HTTP/2 connection is live, no HTTP/1.1 one
     /// is idle.
@@ -226,13 +229,19 @@ impl PeerPool {
     }
 
     /// How a request that arrived as HTTP/1.1 should go to this peer,
-    /// decided without waiting.
-    pub fn h1_route(&self) -> H1Route {
+    /// decided without waiting. `lean`: the request may take a lean
+    /// connection ([`PeerPool::lean_ok`]); a `Dial` is then answered with
+    /// [`PeerPool::dial_lean`].
+    pub fn h1_route(&self, lean: bool) -> H1Route {
         if !self.h2_live() {
             return H1Route::NeedH2;
         }
-        match self.h1.take(Instant::now()) {
-            Some(s) => H1Route::Idle(s),
+        let idle = match lean {
+            true => self.h1.take_lean().map(H1Route::Lean),
+            false => self.h1.take(Instant::now()).map(H1Route::Idle),
+        };
+        match idle {
+            Some(route) => route,
             None => match self.h1.reserve() {
                 Some(slot) => H1Route::Dial(slot),
                 None => H1Route::NeedH2,
@@ -250,6 +259,31 @@ impl PeerPool {
         let (sender, conn) = self.handshake_h1(connect_timeout).await?;
         self.h1.spawn(conn, self.addr.clone(), slot);
         Ok(sender)
+    }
+
+    /// Whether lean connections may be used: plaintext only, since they
+    /// are plain TCP streams. With `[tls]` configured every peer
+    /// connection goes through hyper's client.
+    pub fn lean_ok(&self) -> bool {
+        self.settings.tls.is_none()
+    }
+
+    /// A new lean HTTP/1.1 connection to the peer ([`local_h1`]). It goes
+    /// back to the pool by itself when its response has been read.
+    pub async fn dial_lean(
+        &self,
+        slot: OpenConn,
+        connect_timeout: Duration,
+    ) -> Result<local_h1::Conn, ConnectError> {
+        match self.dial(connect_timeout, false, Instant::now()).await? {
+            PeerStream::Plain(tcp) => Ok(local_h1::Conn::new(tcp, Some(slot))),
+            PeerStream::Tls(_) => Err(self.err("a lean connection cannot carry TLS".into())),
+        }
+    }
+
+    /// The pool of HTTP/1.1 connections, for lean exchanges.
+    pub fn h1_pool(&self) -> &Arc<H1Pool> {
+        &self.h1
     }
 
     /// Return an HTTP/1.1 connection whose response has ended.

@@ -13,7 +13,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use super::*;
-use crate::outbound::h1_pool::MAX_CONNS;
+use crate::outbound::h1_pool::{self, MAX_CONNS};
 
 const CONNECT: Duration = Duration::from_secs(2);
 
@@ -89,18 +89,37 @@ async fn send(sender: &mut H1Sender, path: &str) -> String {
 
 /// The sender of a route that must use HTTP/1.1.
 async fn h1_sender(pool: &PeerPool) -> (H1Sender, &'static str) {
-    match pool.h1_route() {
+    match pool.h1_route(false) {
         H1Route::Idle(s) => (s, "idle"),
         H1Route::Dial(slot) => (pool.dial_h1(slot, CONNECT).await.unwrap(), "dial"),
         H1Route::NeedH2 => panic!("HTTP/1.1 refused with a live HTTP/2 connection"),
+        H1Route::Lean(_) => panic!("a lean connection for a request that asked for none"),
     }
+}
+
+/// A lean connection for a bodiless GET, and how it was had.
+async fn lean_conn(pool: &PeerPool) -> (local_h1::Conn, &'static str) {
+    match pool.h1_route(true) {
+        H1Route::Lean(c) => (c, "idle"),
+        H1Route::Dial(slot) => (pool.dial_lean(slot, CONNECT).await.unwrap(), "dial"),
+        H1Route::NeedH2 => panic!("HTTP/1.1 refused with a live HTTP/2 connection"),
+        H1Route::Idle(_) => panic!("a hyper connection for a lean request"),
+    }
+}
+
+/// One bodiless GET over a lean connection, the body read whole.
+async fn send_lean(pool: &PeerPool, conn: local_h1::Conn, path: &str) -> String {
+    let parts = get(path).into_parts().0;
+    let res = pool.h1_pool().exchange_lean(conn, &parts).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
 }
 
 #[tokio::test]
 async fn http1_needs_a_live_http2_connection_first() {
     let (addr, accepted) = server().await;
     let pool = pool(addr, DEFAULT_IDLE_EXPIRY);
-    assert!(matches!(pool.h1_route(), H1Route::NeedH2));
+    assert!(matches!(pool.h1_route(false), H1Route::NeedH2));
     pool.get(CONNECT).await.unwrap();
     let (mut s, how) = h1_sender(&pool).await;
     assert_eq!(how, "dial");
@@ -140,11 +159,11 @@ async fn past_the_cap_requests_go_over_http2() {
     for _ in 0..MAX_CONNS {
         busy.push(h1_sender(&pool).await.0);
     }
-    assert!(matches!(pool.h1_route(), H1Route::NeedH2));
+    assert!(matches!(pool.h1_route(false), H1Route::NeedH2));
     // A connection that closes gives its place back.
     drop(busy.pop());
     eventually("a place under the cap is free again", || {
-        matches!(pool.h1_route(), H1Route::Dial(_))
+        matches!(pool.h1_route(false), H1Route::Dial(_))
     })
     .await;
 }
@@ -186,7 +205,78 @@ async fn a_hung_peer_fails_the_requests_in_flight_on_http1() {
         .unwrap();
     assert!(res.is_err(), "a request on a closed connection answered");
     assert!(
-        matches!(pool.h1_route(), H1Route::Dial(_)),
+        matches!(pool.h1_route(false), H1Route::Dial(_)),
         "nothing idle is kept"
+    );
+}
+
+#[tokio::test]
+async fn lean_connections_are_reused_and_share_the_cap() {
+    let (addr, accepted) = server().await;
+    let pool = pool(addr, DEFAULT_IDLE_EXPIRY);
+    pool.get(CONNECT).await.unwrap();
+    let mut hows = Vec::new();
+    for _ in 0..4 {
+        let (conn, how) = lean_conn(&pool).await;
+        assert_eq!(send_lean(&pool, conn, "/").await, "HTTP/1.1");
+        hows.push(how);
+    }
+    assert_eq!(hows, ["dial", "idle", "idle", "idle"]);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "one HTTP/2, one lean");
+    // Busy lean connections count against the same cap as hyper's.
+    let mut busy = Vec::new();
+    for _ in 0..MAX_CONNS {
+        busy.push(lean_conn(&pool).await.0);
+    }
+    assert!(matches!(pool.h1_route(true), H1Route::NeedH2));
+    assert!(matches!(pool.h1_route(false), H1Route::NeedH2));
+    drop(busy.pop());
+    assert!(matches!(pool.h1_route(false), H1Route::Dial(_)));
+}
+
+#[tokio::test]
+async fn idle_lean_connections_expire() {
+    let (addr, accepted) = server().await;
+    let pool = pool(addr, Duration::ZERO);
+    pool.get(CONNECT).await.unwrap();
+    let (conn, _) = lean_conn(&pool).await;
+    send_lean(&pool, conn, "/").await;
+    let (conn, how) = lean_conn(&pool).await;
+    assert_eq!(how, "dial", "an expired lean connection was reused");
+    send_lean(&pool, conn, "/").await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_hung_peer_fails_lean_requests_in_flight() {
+    let (addr, _, hanging) = server_counting_hangs().await;
+    let pool = Arc::new(pool(addr, DEFAULT_IDLE_EXPIRY));
+    pool.get(CONNECT).await.unwrap();
+    // One lean connection left idle, one carrying a request that hangs.
+    let (idle, _) = lean_conn(&pool).await;
+    let (busy, _) = lean_conn(&pool).await;
+    send_lean(&pool, idle, "/").await;
+    let p = pool.clone();
+    let in_flight = tokio::spawn(async move {
+        let parts = get("/hang").into_parts().0;
+        p.h1_pool().exchange_lean(busy, &parts).await.map(|_| ())
+    });
+    eventually("the request reached the server", || {
+        hanging.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(!in_flight.is_finished());
+    pool.h1.close_all();
+    let res = tokio::time::timeout(Duration::from_secs(2), in_flight)
+        .await
+        .expect("the lean request still hangs after close_all")
+        .unwrap();
+    assert!(
+        matches!(res, Err(h1_pool::LeanError::Failed(_))),
+        "a request to a hung peer answered: {res:?}"
+    );
+    assert!(
+        matches!(pool.h1_route(true), H1Route::Dial(_)),
+        "an idle lean connection survived close_all"
     );
 }

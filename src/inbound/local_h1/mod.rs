@@ -12,6 +12,11 @@
 //! hyper's client at about 13k instructions per request on hop B of the
 //! bench chain (bench/README.md).
 //!
+//! The outbound side uses the same connections for such requests to a peer
+//! sidecar over plaintext ([`crate::outbound::h1_pool`]), where hyper's
+//! client task was 11k of hop A's 28k instructions per request at low
+//! concurrency.
+//!
 //! Only bodiless requests with idempotent methods come here, so a request
 //! that meets a connection the service has just closed can be sent again on
 //! a new one (RFC 9110 §9.2.2): no body has been consumed and repeating it
@@ -32,6 +37,7 @@ use tokio::net::TcpStream;
 use super::idle::{IdleList, Pooled, State};
 use super::local_pool::dial;
 use crate::http::{Body, ProxyError};
+use crate::outbound::h1_pool::OpenConn;
 
 mod body;
 mod chunked;
@@ -49,9 +55,24 @@ const MAX_HEADERS: usize = 100;
 const INLINE_SPANS: usize = 16;
 
 /// One keep-alive connection and what has been read from it.
+#[derive(Debug)]
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
+    /// The connection's place under a cap on open connections (the peer
+    /// pool's, [`crate::outbound::h1_pool`]), released when it closes.
+    _slot: Option<OpenConn>,
+}
+
+impl Conn {
+    /// A fresh connection on `io`, holding `slot` for as long as it lives.
+    pub fn new(io: TcpStream, slot: Option<OpenConn>) -> Self {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            _slot: slot,
+        }
+    }
 }
 
 impl Pooled for Conn {
@@ -111,98 +132,15 @@ impl LocalH1 {
         loop {
             let (mut conn, reused) = match self.idle.checkout() {
                 Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
+                None => (Conn::new(dial(&self.address).await?, None), false),
             };
-            match self.exchange(&mut conn, &head, is_head).await {
-                Ok(res) => return Ok(self.respond(conn, res)),
+            match exchange(&mut conn, &head, is_head).await {
+                Ok(res) => return Ok(respond(conn, res, &self.idle)),
                 // The service closed a pooled connection before it read
                 // the request: send it again on a fresh one.
                 Err(Failure::Stale) if reused => continue,
-                Err(Failure::Stale) => {
-                    return Err(self.error("connection closed before the response head".into()))
-                }
-                Err(Failure::Io(e)) => return Err(self.error(e.to_string())),
-                Err(Failure::Bad(why)) => return Err(self.error(why)),
+                Err(e) => return Err(self.error(e.to_string())),
             }
-        }
-    }
-
-    async fn connect(&self) -> Result<Conn, ProxyError> {
-        Ok(Conn {
-            io: dial(&self.address).await?,
-            buf: BytesMut::new(),
-        })
-    }
-
-    /// Write the head, then read until a final response head is parsed.
-    async fn exchange(&self, conn: &mut Conn, head: &[u8], is_head: bool) -> Result<Head, Failure> {
-        if let Err(e) = conn.io.write_all(head).await {
-            return Err(match e.kind() {
-                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => Failure::Stale,
-                _ => Failure::Io(e),
-            });
-        }
-        let mut received = false;
-        loop {
-            if !conn.buf.is_empty() {
-                match parse_head(&mut conn.buf, is_head).map_err(Failure::Bad)? {
-                    // Interim responses (100 Continue, 103 Early Hints) are
-                    // not relayed; the final one follows.
-                    Some(head) if head.status.is_informational() => continue,
-                    Some(head) => return Ok(head),
-                    None if conn.buf.len() >= MAX_HEAD_BYTES => {
-                        return Err(Failure::Bad(format!(
-                            "response head larger than {MAX_HEAD_BYTES} bytes"
-                        )))
-                    }
-                    None => {}
-                }
-            }
-            conn.buf.reserve(READ_CHUNK);
-            match conn.io.read_buf(&mut conn.buf).await {
-                Ok(0) if !received => return Err(Failure::Stale),
-                Ok(0) => {
-                    return Err(Failure::Bad(
-                        "connection closed in the middle of the response head".into(),
-                    ))
-                }
-                Ok(_) => received = true,
-                Err(e) if !received && e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Err(Failure::Stale)
-                }
-                Err(e) => return Err(Failure::Io(e)),
-            }
-        }
-    }
-
-    /// The response, its body taken whole from the buffer when it is all
-    /// there, else streamed off the connection.
-    fn respond(&self, mut conn: Conn, head: Head) -> Response<Body> {
-        let body = match head.framing {
-            Framing::Length(n) if n <= conn.buf.len() as u64 => {
-                // `n` fits in the buffer, so it fits in usize.
-                let data = conn.buf.split_to(n as usize).freeze();
-                self.reuse(conn, head.keep_alive);
-                Body::full(data)
-            }
-            framing => Body::boxed(ResponseBody::new(
-                conn,
-                framing,
-                head.keep_alive,
-                self.idle.clone(),
-            )),
-        };
-        let mut res = Response::new(body);
-        *res.status_mut() = head.status;
-        *res.headers_mut() = head.headers;
-        res
-    }
-
-    /// Pool a connection whose exchange is complete, unless the service
-    /// asked to close it or sent bytes past the response.
-    fn reuse(&self, conn: Conn, keep_alive: bool) {
-        if keep_alive && conn.buf.is_empty() {
-            self.idle.checkin(conn);
         }
     }
 
@@ -214,18 +152,101 @@ impl LocalH1 {
     }
 }
 
+/// Write the head, then read until a final response head is parsed.
+pub async fn exchange(conn: &mut Conn, head: &[u8], is_head: bool) -> Result<Head, Failure> {
+    if let Err(e) = conn.io.write_all(head).await {
+        return Err(match e.kind() {
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => Failure::Stale,
+            _ => Failure::Io(e),
+        });
+    }
+    let mut received = false;
+    loop {
+        if !conn.buf.is_empty() {
+            match parse_head(&mut conn.buf, is_head).map_err(Failure::Bad)? {
+                // Interim responses (100 Continue, 103 Early Hints) are
+                // not relayed; the final one follows.
+                Some(head) if head.status.is_informational() => continue,
+                Some(head) => return Ok(head),
+                None if conn.buf.len() >= MAX_HEAD_BYTES => {
+                    return Err(Failure::Bad(format!(
+                        "response head larger than {MAX_HEAD_BYTES} bytes"
+                    )))
+                }
+                None => {}
+            }
+        }
+        conn.buf.reserve(READ_CHUNK);
+        match conn.io.read_buf(&mut conn.buf).await {
+            Ok(0) if !received => return Err(Failure::Stale),
+            Ok(0) => {
+                return Err(Failure::Bad(
+                    "connection closed in the middle of the response head".into(),
+                ))
+            }
+            Ok(_) => received = true,
+            Err(e) if !received && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(Failure::Stale)
+            }
+            Err(e) => return Err(Failure::Io(e)),
+        }
+    }
+}
+
+/// The response, its body taken whole from the buffer when it is all
+/// there, else streamed off the connection.
+pub fn respond(mut conn: Conn, head: Head, idle: &Arc<IdleList<Conn>>) -> Response<Body> {
+    let body = match head.framing {
+        Framing::Length(n) if n <= conn.buf.len() as u64 => {
+            // `n` fits in the buffer, so it fits in usize.
+            let data = conn.buf.split_to(n as usize).freeze();
+            reuse(conn, head.keep_alive, idle);
+            Body::full(data)
+        }
+        framing => Body::boxed(ResponseBody::new(
+            conn,
+            framing,
+            head.keep_alive,
+            idle.clone(),
+        )),
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = head.status;
+    *res.headers_mut() = head.headers;
+    res
+}
+
+/// Pool a connection whose exchange is complete, unless the service
+/// asked to close it or sent bytes past the response.
+fn reuse(conn: Conn, keep_alive: bool, idle: &Arc<IdleList<Conn>>) {
+    if keep_alive && conn.buf.is_empty() {
+        idle.checkin(conn);
+    }
+}
+
 /// Why an exchange failed.
-enum Failure {
+pub enum Failure {
     /// Nothing came back on a connection that may have been closed while
     /// idle: the request can be sent again.
     Stale,
+    /// Reading or writing failed.
     Io(io::Error),
-    /// The service broke the protocol.
+    /// The other side broke the protocol.
     Bad(String),
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Stale => f.write_str("connection closed before the response head"),
+            Failure::Io(e) => e.fmt(f),
+            Failure::Bad(why) => f.write_str(why),
+        }
+    }
+}
+
 /// A parsed response head.
-struct Head {
+pub struct Head {
     status: StatusCode,
     headers: HeaderMap,
     framing: Framing,
@@ -235,7 +256,7 @@ struct Head {
 /// The request head as HTTP/1.1 text. The parts are already valid: method,
 /// path and header values can hold no CR, LF or space where they would
 /// break the framing (the `http` crate checks them on construction).
-fn encode_head(parts: &Parts) -> Vec<u8> {
+pub fn encode_head(parts: &Parts) -> Vec<u8> {
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(parts.method.as_str().as_bytes());
