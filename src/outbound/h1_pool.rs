@@ -121,11 +121,6 @@ impl H1Pool {
         self.lean.checkout()
     }
 
-    /// Where lean connections go back when their exchange is complete.
-    pub fn lean_list(&self) -> &Arc<IdleList<local_h1::Conn>> {
-        &self.lean
-    }
-
     /// Send the bodiless request `parts` (see [`local_h1::fits`]) on the
     /// lean connection `conn` and read the response head. The connection
     /// comes back to this pool by itself once the response has been read.

@@ -184,6 +184,26 @@ async fn idle_connections_expire_instead_of_being_reused() {
     assert_eq!(pool.idle_h1(), 0);
 }
 
+/// Once the request `in_flight` has reached the server (and hangs there), do
+/// what the HTTP/2 connection's task does when a PING goes unanswered, and
+/// return what the request ended with.
+async fn close_all_once_it_hangs<T>(
+    pool: &PeerPool,
+    hanging: &AtomicUsize,
+    in_flight: tokio::task::JoinHandle<T>,
+) -> T {
+    eventually("the request reached the server", || {
+        hanging.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert!(!in_flight.is_finished());
+    pool.h1.close_all();
+    tokio::time::timeout(Duration::from_secs(2), in_flight)
+        .await
+        .expect("the request still hangs after close_all")
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_hung_peer_fails_the_requests_in_flight_on_http1() {
     let (addr, _, hanging) = server_counting_hangs().await;
@@ -191,18 +211,7 @@ async fn a_hung_peer_fails_the_requests_in_flight_on_http1() {
     pool.get(CONNECT).await.unwrap();
     let (mut s, _) = h1_sender(&pool).await;
     let in_flight = tokio::spawn(async move { s.send_request(get("/hang")).await });
-    // Once the request has reached the server, do what the HTTP/2
-    // connection's task does when a PING goes unanswered.
-    eventually("the request reached the server", || {
-        hanging.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    assert!(!in_flight.is_finished());
-    pool.h1.close_all();
-    let res = tokio::time::timeout(Duration::from_secs(2), in_flight)
-        .await
-        .expect("the request still hangs after close_all")
-        .unwrap();
+    let res = close_all_once_it_hangs(&pool, &hanging, in_flight).await;
     assert!(res.is_err(), "a request on a closed connection answered");
     assert!(
         matches!(pool.h1_route(false), H1Route::Dial(_)),
@@ -261,16 +270,7 @@ async fn a_hung_peer_fails_lean_requests_in_flight() {
         let parts = get("/hang").into_parts().0;
         p.h1_pool().exchange_lean(busy, &parts).await.map(|_| ())
     });
-    eventually("the request reached the server", || {
-        hanging.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    assert!(!in_flight.is_finished());
-    pool.h1.close_all();
-    let res = tokio::time::timeout(Duration::from_secs(2), in_flight)
-        .await
-        .expect("the lean request still hangs after close_all")
-        .unwrap();
+    let res = close_all_once_it_hangs(&pool, &hanging, in_flight).await;
     assert!(
         matches!(res, Err(h1_pool::LeanError::Failed(_))),
         "a request to a hung peer answered: {res:?}"

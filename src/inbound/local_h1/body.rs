@@ -113,7 +113,7 @@ impl http_body::Body for ResponseBody {
                     }
                     Ok(Step::NeedMore) => {}
                     Err(why) => {
-                        return this.fail(format!("local service sent a bad chunked body: {why}"))
+                        return this.fail(format!("the upstream sent a bad chunked body: {why}"))
                     }
                 },
                 Framing::Close => {
@@ -129,12 +129,10 @@ impl http_body::Body for ResponseBody {
                     return Poll::Ready(None);
                 }
                 Ok(0) => {
-                    return this.fail("local service closed the connection before the body ended")
+                    return this.fail("the upstream closed the connection before the body ended")
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    return this.fail(format!("reading the body from the local service: {e}"))
-                }
+                Err(e) => return this.fail(format!("reading the response body: {e}")),
             }
         }
     }
