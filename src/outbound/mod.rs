@@ -685,9 +685,11 @@ fn absolute_uri(parts: &http::request::Parts, service: &str) -> Result<Uri, Prox
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
-    let text = authority.as_str().to_owned();
+    // A clone of an Authority shares its bytes; the error text is only
+    // built when it is needed, not on every request.
+    let shown = authority.clone();
     uri.authority = Some(authority);
-    Uri::from_parts(uri).map_err(|_| ProxyError::BadTarget(text))
+    Uri::from_parts(uri).map_err(|_| ProxyError::BadTarget(shown.as_str().to_owned()))
 }
 
 /// Build the request for one try, or `None` if it cannot be sent (again).

@@ -242,7 +242,7 @@ impl PeerPool {
         };
         match idle {
             Some(route) => route,
-            None => match self.h1.reserve() {
+            None => match self.h1.reserve(lean) {
                 Some(slot) => H1Route::Dial(slot),
                 None => H1Route::NeedH2,
             },

@@ -13,7 +13,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use super::*;
-use crate::outbound::h1_pool::{self, MAX_CONNS};
+use crate::outbound::h1_pool::{self, MAX_CONNS, MAX_LEAN_CONNS};
 
 const CONNECT: Duration = Duration::from_secs(2);
 
@@ -220,7 +220,7 @@ async fn a_hung_peer_fails_the_requests_in_flight_on_http1() {
 }
 
 #[tokio::test]
-async fn lean_connections_are_reused_and_share_the_cap() {
+async fn lean_connections_are_reused_and_have_a_cap_of_their_own() {
     let (addr, accepted) = server().await;
     let pool = pool(addr, DEFAULT_IDLE_EXPIRY);
     pool.get(CONNECT).await.unwrap();
@@ -232,15 +232,20 @@ async fn lean_connections_are_reused_and_share_the_cap() {
     }
     assert_eq!(hows, ["dial", "idle", "idle", "idle"]);
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "one HTTP/2, one lean");
-    // Busy lean connections count against the same cap as hyper's.
+    // Busy lean connections fill their own cap, and leave hyper's free:
+    // requests with bodies still get HTTP/1.1.
     let mut busy = Vec::new();
-    for _ in 0..MAX_CONNS {
+    for _ in 0..MAX_LEAN_CONNS {
         busy.push(lean_conn(&pool).await.0);
     }
+    eventually("every lean connection was accepted", || {
+        accepted.load(Ordering::SeqCst) == 1 + MAX_LEAN_CONNS
+    })
+    .await;
     assert!(matches!(pool.h1_route(true), H1Route::NeedH2));
-    assert!(matches!(pool.h1_route(false), H1Route::NeedH2));
-    drop(busy.pop());
     assert!(matches!(pool.h1_route(false), H1Route::Dial(_)));
+    drop(busy.pop());
+    assert!(matches!(pool.h1_route(true), H1Route::Dial(_)));
 }
 
 #[tokio::test]
