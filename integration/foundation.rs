@@ -146,6 +146,32 @@ async fn h2c_client_and_grpc_style_trailers() {
     assert_eq!(trailers["x-trailer"], "yes");
 }
 
+/// A bodiless h2c GET crosses the sidecar link on a lean HTTP/1.1
+/// connection, named as HTTP/2, and reaches the service as HTTP/2 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_gets_cross_the_sidecar_link_as_http1_and_reach_the_service_as_h2() {
+    let _shared = crate::support::shared().await;
+    let (mesh, relay) = StaticPair::start_relayed().await;
+    let out = mesh.outbound();
+    // HTTP/1.1 to a peer waits until its HTTP/2 connection is live (the
+    // link's liveness signal), which the first request opens.
+    for path in ["/first", "/lean-1", "/lean-2"] {
+        let res = client::request_h2(out, get(&format!("http://b{path}"))).await;
+        assert_eq!(res.status(), 200);
+        let json = client::json(&res);
+        assert_eq!(
+            json["version"], "HTTP/2.0",
+            "{path} reached the service as h2"
+        );
+        assert_eq!(json["path"], path);
+    }
+    assert!(
+        relay.sent_contains(b"GET /lean-2 HTTP/1.1\r\n"),
+        "the h2c GET went over HTTP/2 between the sidecars"
+    );
+    assert!(relay.sent_contains(b"x-outrigger-orig-proto: HTTP/2\r\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_trailers_survive_when_asked_for() {
     let _shared = crate::support::shared().await;

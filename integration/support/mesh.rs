@@ -3,6 +3,7 @@
 //! A [`SidecarSpec`] renders the TOML the tests start sidecars with, so
 //! every test states only what differs (registry kind, policy overrides).
 
+use super::relay::Relay;
 use super::{FileDir, Sidecar, SidecarPorts, Upstream};
 
 /// What to render into one sidecar's TOML.
@@ -148,23 +149,38 @@ impl StaticPair {
 
     /// Start with extra TOML for sidecar A.
     pub async fn start_with(a_extra: &str) -> StaticPair {
+        Self::start_inner(a_extra, false).await.0
+    }
+
+    /// Start with A calling B through a [`Relay`], which records what A
+    /// sends on the sidecar link.
+    pub async fn start_relayed() -> (StaticPair, Relay) {
+        let (pair, relay) = Self::start_inner("", true).await;
+        (pair, relay.expect("a relay was asked for"))
+    }
+
+    async fn start_inner(a_extra: &str, relayed: bool) -> (StaticPair, Option<Relay>) {
         let files = FileDir::new();
         let svc_a = Upstream::start("a1").await;
         let svc_b = Upstream::start("b1").await;
         let file = files.file("endpoints.toml");
         let mut b_spec = SidecarSpec::new("b", "b-1", &svc_b, static_registry(&file));
         b_spec.ports = SidecarPorts::new();
-        files.write_atomic(
-            "endpoints.toml",
-            &static_entry("b", "b-1", b_spec.ports.inbound_addr()),
-        );
+        let relay = match relayed {
+            true => Some(Relay::start(b_spec.ports.inbound_addr()).await),
+            false => None,
+        };
+        let b_addr = relay
+            .as_ref()
+            .map_or(b_spec.ports.inbound_addr(), Relay::addr);
+        files.write_atomic("endpoints.toml", &static_entry("b", "b-1", b_addr));
         let mut a_spec = SidecarSpec::new("a", "a-1", &svc_a, static_registry(&file));
         a_spec.extra = a_extra.to_string();
         let mut b = b_spec.start();
         let mut a = a_spec.start();
         b.wait_ready().await;
         a.wait_ready().await;
-        StaticPair {
+        let pair = StaticPair {
             files,
             svc_a,
             svc_b,
@@ -172,7 +188,8 @@ impl StaticPair {
             a_spec,
             b,
             b_spec,
-        }
+        };
+        (pair, relay)
     }
 
     /// A's outbound listener.

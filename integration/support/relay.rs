@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -25,7 +25,17 @@ pub struct Relay {
     cut_tx: watch::Sender<u64>,
     paused_tx: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    sent: Sent,
 }
+
+/// The first [`SENT_CAP`] bytes that clients sent through the relay, all
+/// connections' bytes in arrival order (chunks of different connections
+/// interleave, but a chunk is never split).
+type Sent = Arc<Mutex<Vec<u8>>>;
+
+/// Bytes [`Relay::sent_contains`] can look at; the rest is not kept, so a
+/// long test behind a relay does not grow without bound.
+const SENT_CAP: usize = 1 << 20;
 
 impl Relay {
     /// Relay connections on a new loopback port to `target`.
@@ -36,6 +46,8 @@ impl Relay {
         let (cut_tx, cut_rx) = watch::channel(0u64);
         let (paused_tx, paused_rx) = watch::channel(false);
         let flag = up.clone();
+        let sent = Sent::default();
+        let record = sent.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -51,6 +63,7 @@ impl Relay {
                 // Only cuts after this connection was accepted count.
                 cut.borrow_and_update();
                 let paused = paused_rx.clone();
+                let record = record.clone();
                 tokio::spawn(async move {
                     // A connection opened during a blackhole hangs until
                     // the heal, as a SYN into a blackhole would.
@@ -67,8 +80,8 @@ impl Relay {
                     tokio::select! {
                         _ = async {
                             tokio::join!(
-                                pump(cr, sw, paused.clone()),
-                                pump(sr, cw, paused),
+                                pump(cr, sw, paused.clone(), Some(record)),
+                                pump(sr, cw, paused, None),
                             )
                         } => {}
                         _ = cut.changed() => {}
@@ -82,7 +95,15 @@ impl Relay {
             cut_tx,
             paused_tx,
             task,
+            sent,
         }
+    }
+
+    /// Whether the bytes clients sent through the relay so far contain
+    /// `needle` within one read.
+    pub fn sent_contains(&self, needle: &[u8]) -> bool {
+        let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+        sent.windows(needle.len()).any(|w| w == needle)
     }
 
     /// The address clients should use.
@@ -115,8 +136,13 @@ impl Relay {
 }
 
 /// Copies `from` to `to`, holding each chunk (and the final FIN) while the
-/// relay is paused.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch::Receiver<bool>) {
+/// relay is paused, and appending it to `record` if given.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut paused: watch::Receiver<bool>,
+    record: Option<Sent>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = from.read(&mut buf).await.unwrap_or(0);
@@ -126,6 +152,11 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch
         if n == 0 {
             let _ = to.shutdown().await;
             return;
+        }
+        if let Some(record) = &record {
+            let mut sent = record.lock().unwrap_or_else(|e| e.into_inner());
+            let room = SENT_CAP.saturating_sub(sent.len()).min(n);
+            sent.extend_from_slice(&buf[..room]);
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

@@ -15,9 +15,25 @@ pub const OUTRIGGER_PREFIX: &str = "x-outrigger-";
 pub const CALLER: HeaderName = HeaderName::from_static("x-outrigger-caller");
 /// Says which stage failed when the sidecar itself produced an error.
 pub const ERROR: HeaderName = HeaderName::from_static("x-outrigger-error");
-/// The caller's original protocol when the sidecar hop upgraded it to
-/// HTTP/2, so the far side speaks the same protocol to its service.
+/// The caller's original protocol when the sidecar hop carries a request
+/// in the other one: an HTTP/1.1 request multiplexed over HTTP/2
+/// ([`ORIG_H1`]), or a bodiless HTTP/2 request on a lean HTTP/1.1
+/// connection ([`ORIG_H2`]). The far side then speaks the caller's protocol
+/// to its service.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-outrigger-orig-proto");
+/// [`ORIG_PROTO`]'s value for a request that arrived as HTTP/1.1.
+pub const ORIG_H1: HeaderValue = HeaderValue::from_static("HTTP/1.1");
+/// [`ORIG_PROTO`]'s value for a request that arrived as HTTP/2.
+pub const ORIG_H2: HeaderValue = HeaderValue::from_static("HTTP/2");
+
+/// Whether the caller spoke HTTP/1.1: the protocol a request arrived in,
+/// unless the sidecar hop changed it and said so in [`ORIG_PROTO`].
+pub fn caller_spoke_h1(version: http::Version, headers: &HeaderMap) -> bool {
+    match headers.get(ORIG_PROTO) {
+        Some(v) => v != ORIG_H2,
+        None => version != http::Version::HTTP_2,
+    }
+}
 /// Request id, added when missing so one call can be followed across hops.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Appended with the client address at each hop.
@@ -207,6 +223,23 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn the_callers_protocol_is_the_named_one_else_the_arrived_one() {
+        use http::Version;
+        let none = HeaderMap::new();
+        assert!(caller_spoke_h1(Version::HTTP_11, &none));
+        assert!(!caller_spoke_h1(Version::HTTP_2, &none));
+        // Carried over HTTP/2 for an HTTP/1.1 caller, and the reverse.
+        assert!(caller_spoke_h1(
+            Version::HTTP_2,
+            &map(&[("x-outrigger-orig-proto", "HTTP/1.1")])
+        ));
+        assert!(!caller_spoke_h1(
+            Version::HTTP_11,
+            &map(&[("x-outrigger-orig-proto", "HTTP/2")])
+        ));
     }
 
     #[test]

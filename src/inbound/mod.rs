@@ -151,7 +151,7 @@ impl Inbound {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        let wants_h1 = parts.version != Version::HTTP_2 || parts.headers.contains_key(ORIG_PROTO);
+        let wants_h1 = headers::caller_spoke_h1(parts.version, &parts.headers);
         parts.headers.remove(ORIG_PROTO);
         if !parts.headers.contains_key(http::header::HOST) {
             // HTTP/2 carried the caller's Host as :authority.

@@ -189,7 +189,8 @@ impl Outbound {
         }
 
         // HTTP/1.1 stays HTTP/1.1 between the sidecars, on a pooled
-        // connection ([`h1_pool`]); HTTP/2 (gRPC, h2c) is multiplexed.
+        // connection ([`h1_pool`]); HTTP/2 (gRPC, h2c) is multiplexed,
+        // but for bodiless requests while few are in flight (below).
         let use_h1 = parts.version != Version::HTTP_2;
         if use_h1 {
             ensure_host(&mut parts, service)?;
@@ -202,10 +203,17 @@ impl Outbound {
 
         let idempotent = retry::is_idempotent(&parts.method, &parts.headers);
         let empty_body = http_body::Body::is_end_stream(&body);
-        // Bodiless idempotent HTTP/1.1 requests (most of a mesh's calls)
-        // take lean connections when they go over HTTP/1.1: see
-        // `h1_pool` and `local_h1`.
-        let lean = use_h1 && local_h1::fits(&parts, empty_body);
+        // Bodiless idempotent requests (most of a mesh's calls) take lean
+        // HTTP/1.1 connections: see `h1_pool` and `local_h1`. That holds
+        // for those that arrived as HTTP/2 as well (the far side speaks
+        // HTTP/2 to its service again, see `as_h1`): HTTP/2 between the
+        // sidecars costs both hops HPACK and stream state, which at low
+        // concurrency is most of what the link costs (at high concurrency
+        // they stay on HTTP/2: `h1_pool::MAX_LEAN_CONNS_FOR_H2`). Not when
+        // the caller accepts trailers (`te: trailers`, as gRPC does): those
+        // stay on HTTP/2 end to end.
+        let lean = local_h1::fits(&parts, empty_body)
+            && (use_h1 || !parts.headers.contains_key(http::header::TE));
         // An empty body (most GETs) needs no reading, and so no timer.
         let prepared = if empty_body {
             Ok(Ok(ReqBody::Kept(bytes::Bytes::new())))
@@ -289,9 +297,15 @@ impl Outbound {
             // is not carried inline by every request's future.
             let pool = &ep.state.pool;
             let lean = lean && pool.lean_ok();
-            let route = match use_h1 {
-                true => pool.h1_route(lean),
-                false => H1Route::NeedH2,
+            let route = match (use_h1, lean) {
+                (true, _) => pool.h1_route(lean),
+                // An HTTP/2 caller's request goes over HTTP/1.1 only when
+                // nothing else is in flight to the endpoint, that is, when
+                // there is nothing to batch it with on HTTP/2.
+                (false, true) if ep.state.in_flight() == 0 => {
+                    pool.h1_route_within(true, h1_pool::MAX_LEAN_CONNS_FOR_H2)
+                }
+                (false, _) => H1Route::NeedH2,
             };
             let sender = match route {
                 H1Route::Idle(s) => Ok(Ok(PeerSender::H1(s))),
@@ -827,25 +841,32 @@ impl PeerSender {
     }
 }
 
-/// An HTTP/1.1 request in HTTP/2's form: the authority in the URI, not in
-/// Host, and the original protocol named so the peer speaks HTTP/1.1 to its
-/// service.
+/// A request in HTTP/2's form: the authority in the URI, not in Host. One
+/// that arrived as HTTP/1.1 gets its original protocol named, so the peer
+/// speaks HTTP/1.1 to its service; one that arrived as HTTP/2 (and was
+/// turned into HTTP/1.1 by [`as_h1`] for a try that was refused unsent)
+/// loses the name again.
 fn as_h2(req: Request<Body>, service: &str) -> Result<Request<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     parts.uri = absolute_uri(&parts, service)?;
     parts.headers.remove(http::header::HOST);
-    parts
-        .headers
-        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    if parts.headers.remove(ORIG_PROTO).is_none() {
+        parts.headers.insert(ORIG_PROTO, headers::ORIG_H1);
+    }
     parts.version = Version::HTTP_2;
     Ok(Request::from_parts(parts, body))
 }
 
-/// The reverse of [`as_h2`]; the absolute URI is valid HTTP/1.1 too.
+/// The reverse of [`as_h2`]: a request in HTTP/1.1's form, with a Host
+/// header (the absolute URI is valid HTTP/1.1 too). One that arrived as
+/// HTTP/2 (a bodiless one on a lean connection) gets its original protocol
+/// named, so the peer speaks HTTP/2 to its service.
 fn as_h1(req: Request<Body>, service: &str) -> Result<Request<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     ensure_host(&mut parts, service)?;
-    parts.headers.remove(ORIG_PROTO);
+    if parts.headers.remove(ORIG_PROTO).is_none() {
+        parts.headers.insert(ORIG_PROTO, headers::ORIG_H2);
+    }
     parts.version = Version::HTTP_11;
     Ok(Request::from_parts(parts, body))
 }
