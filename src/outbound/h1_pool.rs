@@ -21,12 +21,12 @@
 //! Bodiless requests with idempotent methods (most of a mesh's calls) take
 //! lean connections ([`crate::inbound::local_h1`]) when the peer is dialed
 //! in plaintext, whether they arrived as HTTP/1.1 or as HTTP/2 (see
-//! `outbound::as_h1`; not those that accept trailers): the request's own task writes the head and reads the
-//! response, where hyper's client hands each request to a connection task
-//! and back (11k of hop A's 28k instructions per request under callgrind
-//! at one connection). Other requests, and every request under mTLS, use
-//! hyper's client. The two kinds have caps of their own ([`MAX_CONNS`],
-//! [`MAX_LEAN_CONNS`]).
+//! `outbound::as_h1`; not those that accept trailers): the request's own
+//! task writes the head and reads the response, where hyper's client hands
+//! each request to a connection task and back (11k of hop A's 28k
+//! instructions per request under callgrind at one connection). Other
+//! requests, and every request under mTLS, use hyper's client. The two
+//! kinds have caps of their own ([`MAX_CONNS`], [`MAX_LEAN_CONNS`]).
 //!
 //! Idle connections are taken last-in first-out, so the ones traffic no
 //! longer needs sink to the front of the list and age out there. They age
@@ -82,18 +82,24 @@ const SCAN: usize = 4;
 pub const MAX_CONNS: usize = 2;
 
 /// Lean connections open to one peer at most; past them, requests are
-/// multiplexed over the HTTP/2 connection.
+/// multiplexed over the HTTP/2 connection. A count of its own, so that idle
+/// lean connections do not keep requests with bodies off HTTP/1.1.
 ///
-/// A lean exchange costs far less than hyper's client (no connection task,
-/// no hand-off), so lean connections pay at higher concurrency than
-/// hyper's: in one full harness run on this project's 2-core machine
-/// (README, "Performance"), 16 against 2 lowered the added p99 at the fixed
-/// load from 598 to 473 µs and the added p50 from 249 to 240 µs, with max
-/// throughput unchanged (22.4k against 23.2k req/s, within the noise).
-/// Beyond 16 HTTP/2's batching wins again: at 64, max throughput fell by
-/// about 15 % and CPU per request rose from 45 to 57 µs, since each request
-/// then needs its own read and write on the peer link at both hops.
-pub const MAX_LEAN_CONNS: usize = 16;
+/// Why no more than hyper's: every connection a caller holds takes one of
+/// the peer's `limits.max_connections`, and idle pooled ones hold theirs
+/// for [`DEFAULT_IDLE_EXPIRY`]. With 16, one caller under load held 17
+/// connections to a peer whose cap was 16, and a request then waited on a
+/// connection the peer never accepted (integration test
+/// `callers_beyond_max_connections_wait_and_fds_stay_bounded`); at 2 each
+/// caller holds at most five (one HTTP/2, two of hyper's, two lean). The
+/// speed did not argue for more either: in full harness runs on the 2-core
+/// VM, 16 against 2 lowered the added p99 at the fixed load in two runs
+/// (592 → 468, 598 → 473 µs) but left max throughput and CPU per request
+/// within the noise, 4 against 2 changed nothing (p99 495 against 494 µs,
+/// max RPS 19.4k against 20.7k), and at 64 max throughput fell by about
+/// 15 % and CPU per request rose from 45 to 57 µs, since each request then
+/// needs its own read and write on the peer link at both hops.
+pub const MAX_LEAN_CONNS: usize = 2;
 
 /// Lean connections that requests which arrived as HTTP/2 may open to one
 /// peer (they may also take idle ones that others opened). Such a request
