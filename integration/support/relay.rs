@@ -99,8 +99,8 @@ impl Relay {
         }
     }
 
-    /// Whether the bytes clients sent through the relay so far contain
-    /// `needle` within one read.
+    /// Whether the bytes clients sent through the relay so far (see
+    /// [`Sent`]) contain `needle`.
     pub fn sent_contains(&self, needle: &[u8]) -> bool {
         let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
         sent.windows(needle.len()).any(|w| w == needle)

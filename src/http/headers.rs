@@ -25,15 +25,6 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-outrigger-orig-pro
 pub const ORIG_H1: HeaderValue = HeaderValue::from_static("HTTP/1.1");
 /// [`ORIG_PROTO`]'s value for a request that arrived as HTTP/2.
 pub const ORIG_H2: HeaderValue = HeaderValue::from_static("HTTP/2");
-
-/// Whether the caller spoke HTTP/1.1: the protocol a request arrived in,
-/// unless the sidecar hop changed it and said so in [`ORIG_PROTO`].
-pub fn caller_spoke_h1(version: http::Version, headers: &HeaderMap) -> bool {
-    match headers.get(ORIG_PROTO) {
-        Some(v) => v != ORIG_H2,
-        None => version != http::Version::HTTP_2,
-    }
-}
 /// Request id, added when missing so one call can be followed across hops.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Appended with the client address at each hop.
@@ -128,6 +119,15 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Whether the caller spoke HTTP/1.1: the protocol a request arrived in,
+/// unless the sidecar hop changed it and said so in [`ORIG_PROTO`].
+pub fn caller_spoke_h1(version: http::Version, headers: &HeaderMap) -> bool {
+    match headers.get(ORIG_PROTO) {
+        Some(v) => v != ORIG_H2,
+        None => version != http::Version::HTTP_2,
+    }
 }
 
 /// Remove every `x-outrigger-*` header (requests from outside the mesh).

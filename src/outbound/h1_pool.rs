@@ -101,25 +101,6 @@ pub const MAX_CONNS: usize = 2;
 /// needs its own read and write on the peer link at both hops.
 pub const MAX_LEAN_CONNS: usize = 2;
 
-/// Lean connections that requests which arrived as HTTP/2 may open to one
-/// peer (they may also take idle ones that others opened). Such a request
-/// takes one only when nothing else is in flight to the endpoint
-/// (`outbound`); otherwise it stays on HTTP/2.
-///
-/// An HTTP/2 caller's requests arrive batched, several in one read, and the
-/// HTTP/2 link to the peer keeps them batched; on HTTP/1.1 each needs a
-/// read and a write of its own at both hops. So HTTP/1.1 pays for them only
-/// when there is nothing to batch with. Full harness runs with h2c callers
-/// (`PROTO=h2`), each against the build that kept them all on HTTP/2 in the
-/// same run: with up to 16 lean connections and no in-flight rule, CPU per
-/// request at the fixed load fell from 259 to 241 µs and the added p50 from
-/// 368 to 335 µs, but at saturation CPU per request rose from 28 to 42 µs
-/// and max throughput fell by a tenth; with 2 and no rule, 249 → 233 µs and
-/// 339 → 316 µs, but 27 → 33 µs and −8 %; with 2 and the rule, 246 → 233 µs
-/// and 338 → 306 µs, with saturation unchanged (28 → 30 µs, 32.2k → 32.1k
-/// req/s).
-pub const MAX_LEAN_CONNS_FOR_H2: usize = 2;
-
 /// See the module docs.
 #[derive(Debug)]
 pub struct H1Pool {
@@ -217,13 +198,13 @@ impl H1Pool {
         None
     }
 
-    /// A place for one more connection if fewer than `cap` of its kind are
-    /// open: held by the dial, then by the connection's task (`lean`: by
-    /// the connection).
-    pub fn reserve(&self, lean: bool, cap: usize) -> Option<OpenConn> {
-        let open = match lean {
-            true => &self.lean_open,
-            false => &self.open,
+    /// A place for one more connection of the kind, if its cap allows:
+    /// held by the dial, then by the connection's task (`lean`: by the
+    /// connection).
+    pub fn reserve(&self, lean: bool) -> Option<OpenConn> {
+        let (open, cap) = match lean {
+            true => (&self.lean_open, MAX_LEAN_CONNS),
+            false => (&self.open, MAX_CONNS),
         };
         open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
             (n < cap).then_some(n + 1)

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::dial::{self, PeerStream, PeerTls};
-use super::h1_pool::{self, H1Pool, H1Sender, OpenConn, DEFAULT_IDLE_EXPIRY};
+use super::h1_pool::{H1Pool, H1Sender, OpenConn, DEFAULT_IDLE_EXPIRY};
 use super::h2_client::{self, Ended, H2Sender};
 use crate::http::Body;
 use crate::inbound::local_h1;
@@ -233,16 +233,6 @@ impl PeerPool {
     /// connection ([`PeerPool::lean_ok`]); a `Dial` is then answered with
     /// [`PeerPool::dial_lean`].
     pub fn h1_route(&self, lean: bool) -> H1Route {
-        let cap = match lean {
-            true => h1_pool::MAX_LEAN_CONNS,
-            false => h1_pool::MAX_CONNS,
-        };
-        self.h1_route_within(lean, cap)
-    }
-
-    /// [`PeerPool::h1_route`], with at most `cap` connections of the kind
-    /// open (see [`h1_pool::MAX_LEAN_CONNS_FOR_H2`]).
-    pub fn h1_route_within(&self, lean: bool, cap: usize) -> H1Route {
         if !self.h2_live() {
             return H1Route::NeedH2;
         }
@@ -252,7 +242,7 @@ impl PeerPool {
         };
         match idle {
             Some(route) => route,
-            None => match self.h1.reserve(lean, cap) {
+            None => match self.h1.reserve(lean) {
                 Some(slot) => H1Route::Dial(slot),
                 None => H1Route::NeedH2,
             },
