@@ -164,6 +164,11 @@ async fn h2c_gets_cross_the_sidecar_link_as_http1_and_reach_the_service_as_h2() 
             "{path} reached the service as h2"
         );
         assert_eq!(json["path"], path);
+        // RFC 9113 §8.3.1: the caller's authority as `:authority`, and no
+        // Host beside it that names something else (the service's address).
+        let seen = mesh.svc_b.last_request().unwrap();
+        assert_eq!(seen.uri, format!("http://b{path}"));
+        assert_eq!(seen.header("host"), None, "{path}: Host beside :authority");
     }
     assert!(
         relay.sent_contains(b"GET /lean-2 HTTP/1.1\r\n"),

@@ -153,7 +153,8 @@ impl Inbound {
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         let wants_h1 = headers::caller_spoke_h1(parts.version, &parts.headers);
         parts.headers.remove(ORIG_PROTO);
-        if !parts.headers.contains_key(http::header::HOST) {
+        if (wants_h1 || client_upgrade.is_some()) && !parts.headers.contains_key(http::header::HOST)
+        {
             // HTTP/2 carried the caller's Host as :authority.
             if let Some(a) = parts.uri.authority() {
                 if let Ok(v) = HeaderValue::from_str(a.as_str()) {
@@ -202,7 +203,7 @@ impl Inbound {
             // parsed at start-up), not re-parsed from text for every request.
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(authority.clone());
+            uri.authority = Some(h2_authority(&mut parts, authority));
             uri.path_and_query = Some(pq);
             parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
             parts.version = Version::HTTP_2;
@@ -246,4 +247,20 @@ impl Inbound {
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(parts, Body::incoming(body)))
     }
+}
+
+/// The `:authority` of a request to the service over HTTP/2: the caller's
+/// (its Host, or the `:authority` it came with), as RFC 9113 §8.3.1 asks of
+/// an intermediary, else the service's own address. The Host header goes:
+/// a client must not send one that differs from `:authority`, and a strict
+/// server treats such a request as malformed. Dropping it also spares
+/// HPACK a field on every request.
+fn h2_authority(parts: &mut http::request::Parts, local: &Authority) -> Authority {
+    let from_host = parts
+        .headers
+        .remove(http::header::HOST)
+        .and_then(|v| Authority::try_from(v.as_bytes()).ok());
+    from_host
+        .or_else(|| parts.uri.authority().cloned())
+        .unwrap_or_else(|| local.clone())
 }
