@@ -178,6 +178,31 @@ async fn h2c_gets_cross_the_sidecar_link_as_http1_and_reach_the_service_as_h2() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_callers_reach_a_service_that_speaks_only_http1() {
+    let _shared = crate::support::shared().await;
+    let mesh = StaticPair::start_http1_only_b().await;
+    let out = mesh.outbound();
+    // The first request finds out, on B's first connection to the service,
+    // that it does not speak HTTP/2; it carries a body, which must arrive
+    // whole over HTTP/1.1 all the same.
+    let post = Request::post("http://b/upload")
+        .body(full(vec![b'x'; 70_000]))
+        .unwrap();
+    let res = client::request_h2(out, post).await;
+    assert_eq!(res.status(), 200, "{:?}", res.body());
+    let json = client::json(&res);
+    assert_eq!(json["version"], "HTTP/1.1");
+    assert_eq!(json["body_len"], 70_000);
+    for path in ["/one", "/two"] {
+        let res = client::request_h2(out, get(&format!("http://b{path}"))).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(client::json(&res)["version"], "HTTP/1.1");
+        let seen = mesh.svc_b.last_request().unwrap();
+        assert_eq!((seen.uri.as_str(), seen.header("host")), (path, Some("b")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_trailers_survive_when_asked_for() {
     let _shared = crate::support::shared().await;
     let mesh = StaticPair::start().await;

@@ -149,20 +149,32 @@ impl StaticPair {
 
     /// Start with extra TOML for sidecar A.
     pub async fn start_with(a_extra: &str) -> StaticPair {
-        Self::start_inner(a_extra, false).await.0
+        Self::start_inner(a_extra, false, false).await.0
+    }
+
+    /// Start with B's service speaking HTTP/1.x only.
+    pub async fn start_http1_only_b() -> StaticPair {
+        Self::start_inner("", false, true).await.0
     }
 
     /// Start with A calling B through a [`Relay`], which records what A
     /// sends on the sidecar link.
     pub async fn start_relayed() -> (StaticPair, Relay) {
-        let (pair, relay) = Self::start_inner("", true).await;
+        let (pair, relay) = Self::start_inner("", true, false).await;
         (pair, relay.expect("a relay was asked for"))
     }
 
-    async fn start_inner(a_extra: &str, relayed: bool) -> (StaticPair, Option<Relay>) {
+    async fn start_inner(
+        a_extra: &str,
+        relayed: bool,
+        b_http1_only: bool,
+    ) -> (StaticPair, Option<Relay>) {
         let files = FileDir::new();
         let svc_a = Upstream::start("a1").await;
-        let svc_b = Upstream::start("b1").await;
+        let svc_b = match b_http1_only {
+            true => Upstream::start_http1_only("b1").await,
+            false => Upstream::start("b1").await,
+        };
         let file = files.file("endpoints.toml");
         let mut b_spec = SidecarSpec::new("b", "b-1", &svc_b, static_registry(&file));
         b_spec.ports = SidecarPorts::new();

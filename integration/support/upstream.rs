@@ -65,6 +65,9 @@ struct State {
     status: AtomicU16,
     health: AtomicU16,
     delay_ms: AtomicU64,
+    /// Speak HTTP/1.x only, as most web frameworks do (hyper's server
+    /// then closes a connection that starts with the HTTP/2 preface).
+    http1_only: bool,
     /// Every task of the server (connections, h2 streams, WebSockets), so
     /// that [`Upstream::stop`] can end them all.
     tasks: Mutex<JoinSet<()>>,
@@ -118,8 +121,17 @@ impl Upstream {
         Self::start_on(name, free_port()).await
     }
 
+    /// Starts an upstream that speaks HTTP/1.x only, on a free port.
+    pub async fn start_http1_only(name: &str) -> Upstream {
+        Self::start_inner(name, free_port(), true).await
+    }
+
     /// Starts an upstream on a given loopback port.
     pub async fn start_on(name: &str, port: u16) -> Upstream {
+        Self::start_inner(name, port, false).await
+    }
+
+    async fn start_inner(name: &str, port: u16, http1_only: bool) -> Upstream {
         let state = Arc::new(State {
             name: name.to_string(),
             recorded: Mutex::new(Vec::new()),
@@ -127,6 +139,7 @@ impl Upstream {
             status: AtomicU16::new(200),
             health: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
+            http1_only,
             tasks: Mutex::new(JoinSet::new()),
         });
         let mut upstream = Upstream {
@@ -263,10 +276,19 @@ async fn accept_loop(
 async fn serve_connection(stream: TcpStream, state: Arc<State>) {
     let _ = stream.set_nodelay(true);
     let executor = StateExecutor(state.clone());
+    let http1_only = state.http1_only;
     let service = service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, Infallible>(routes::handle(state, req).await) }
     });
+    if http1_only {
+        // hyper-util's `auto` ignores `http1_only` when upgrades are on.
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades()
+            .await;
+        return;
+    }
     let _ = auto::Builder::new(executor)
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await;

@@ -5,6 +5,7 @@
 pub mod body;
 pub mod conn_guard;
 pub mod error;
+pub mod first_read;
 pub mod framing;
 pub mod h1_server;
 pub mod headers;

@@ -15,12 +15,28 @@
 //! request that a closing connection handed back unsent is tried once more
 //! on a fresh connection, whatever its method, since nothing of it reached
 //! the service.
+//!
+//! A service may know only HTTP/1.1 (most web frameworks do), while its
+//! callers speak h2c. Such a service answers our preface with an HTTP/1.x
+//! error instead of SETTINGS (a status line; Python's `http.server` a bare
+//! HTML page), or closes the connection unanswered (hyper's HTTP/1-only
+//! server). The first connection's [`FirstRead`] notices before any
+//! request is sent, and the request is handed back ([`Failure::NotHttp2`])
+//! for the HTTP/1.1 path. An answer other than SETTINGS marks the service
+//! as speaking HTTP/1.1 at once; a close does so only once the request has
+//! been answered over HTTP/1.1, since an HTTP/2 service that is shutting
+//! down closes too. Later requests then go to HTTP/1.1 directly. Envoy and
+//! HAProxy speak HTTP/1.1 to a service unless told otherwise; we follow the
+//! caller's protocol (gRPC needs HTTP/2) without failing the callers of an
+//! HTTP/1.1 service.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use http::{Request, Response};
 
-use super::local_pool::{connect_error, dial, upstream_error};
+use super::local_pool::{connect_error, dial, upstream_error, CONNECT_TIMEOUT};
+use crate::http::first_read::{FirstRead, Greeting};
 use crate::http::{Body, ProxyError};
 use crate::outbound::h2_client::{self, H2Sender, SendError};
 
@@ -42,6 +58,42 @@ pub struct LocalH2 {
     /// Held while a connection is being opened, so that a burst of requests
     /// opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
+    /// The service answered our preface with something other than SETTINGS. Kept
+    /// for the life of the process: a service does not stop speaking
+    /// HTTP/1.1, and probing again would cost it an error response.
+    http1_only: AtomicBool,
+}
+
+/// Why [`LocalH2::send`] did not return a response.
+#[derive(Debug)]
+pub enum Failure {
+    /// The service did not greet the preface with SETTINGS. Nothing of the
+    /// request was sent; it is handed back for the HTTP/1.1 path.
+    NotHttp2 {
+        /// The request, untouched.
+        request: Box<Request<Body>>,
+        /// The service answered with something else, rather than closing:
+        /// it is already marked as speaking HTTP/1.1. Otherwise the caller
+        /// marks it ([`LocalH2::mark_http1_only`]) once HTTP/1.1 works.
+        confirmed: bool,
+    },
+    /// The exchange failed.
+    Error(ProxyError),
+}
+
+/// What opening a connection found.
+enum Opened {
+    Sender(H2Sender),
+    /// Answered with something other than SETTINGS (or marked so before).
+    Http1,
+    /// Closed before it sent anything.
+    Unanswered,
+}
+
+impl From<ProxyError> for Failure {
+    fn from(e: ProxyError) -> Self {
+        Failure::Error(e)
+    }
 }
 
 impl LocalH2 {
@@ -51,18 +103,42 @@ impl LocalH2 {
             address,
             sender: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            http1_only: AtomicBool::new(false),
+        }
+    }
+
+    /// The service does not speak HTTP/2: send it HTTP/1.1.
+    pub fn http1_only(&self) -> bool {
+        self.http1_only.load(Ordering::Relaxed)
+    }
+
+    /// Record that the service speaks only HTTP/1.x.
+    pub fn mark_http1_only(&self) {
+        if !self.http1_only.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                address = %self.address,
+                "the local service does not speak HTTP/2; callers' HTTP/2 requests go to it as HTTP/1.1 from now on"
+            );
         }
     }
 
     /// Send `req` (absolute URI, HTTP/2) and return the response head.
-    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, ProxyError> {
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, Failure> {
         let mut fresh = false;
         loop {
             let mut sender = match self.current() {
                 Some(sender) => sender,
                 None => {
                     fresh = true;
-                    self.connect().await?
+                    match self.connect().await? {
+                        Opened::Sender(sender) => sender,
+                        other => {
+                            return Err(Failure::NotHttp2 {
+                                request: Box::new(req),
+                                confirmed: matches!(other, Opened::Http1),
+                            })
+                        }
+                    }
                 }
             };
             match sender.send(req).await {
@@ -74,10 +150,10 @@ impl LocalH2 {
                     req = *request;
                 }
                 Err(SendError::Unsent { error, .. }) => {
-                    return Err(upstream_error(&self.address, &error))
+                    return Err(upstream_error(&self.address, &error).into())
                 }
                 Err(SendError::Failed { error, .. }) => {
-                    return Err(upstream_error(&self.address, &*error))
+                    return Err(upstream_error(&self.address, &*error).into())
                 }
             }
         }
@@ -90,13 +166,19 @@ impl LocalH2 {
         slot.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    async fn connect(&self) -> Result<H2Sender, ProxyError> {
+    /// Open a connection, unless another request just did, and wait for
+    /// the service's greeting.
+    async fn connect(&self) -> Result<Opened, ProxyError> {
         let _connecting = self.connecting.lock().await;
         // Whoever held the lock before may have connected already.
         if let Some(sender) = self.current() {
-            return Ok(sender);
+            return Ok(Opened::Sender(sender));
+        }
+        if self.http1_only() {
+            return Ok(Opened::Http1);
         }
         let stream = dial(&self.address).await?;
+        let (stream, greeting) = FirstRead::new(stream);
         let (sender, conn) = h2_client::handshake(stream, &SETTINGS)
             .await
             .map_err(|e| connect_error(&self.address, e.to_string()))?;
@@ -109,10 +191,21 @@ impl LocalH2 {
                 tracing::debug!(address = %address, error = %e, "local service HTTP/2 connection ended");
             }
         });
+        // The service's first bytes tell an HTTP/2 server (SETTINGS) from
+        // one that is not: one round trip, once per connection. Silence is
+        // left to the request to find out about, as before.
+        match tokio::time::timeout(CONNECT_TIMEOUT, greeting).await {
+            Ok(Ok(Greeting::NotHttp2)) => {
+                self.mark_http1_only();
+                return Ok(Opened::Http1);
+            }
+            Ok(Err(_)) => return Ok(Opened::Unanswered),
+            Ok(Ok(Greeting::Settings)) | Err(_) => {}
+        }
         if let Ok(mut slot) = self.sender.lock() {
             *slot = Some(sender.clone());
         }
-        Ok(sender)
+        Ok(Opened::Sender(sender))
     }
 }
 
@@ -232,6 +325,47 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
 
+    /// A server that answers every connection's first bytes with
+    /// `answer` (nothing: it closes at once) and counts the connections.
+    async fn raw_server(answer: &'static [u8]) -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        super::super::test_server::server(move |mut stream, _| async move {
+            let mut buf = [0u8; 64];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(answer).await;
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_service_that_answers_the_preface_with_http1_is_marked_and_the_request_handed_back() {
+        let (addr, accepted) = raw_server(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        let local = LocalH2::new(addr.clone());
+        for _ in 0..2 {
+            match local.send(get(&addr)).await {
+                Err(Failure::NotHttp2 { request, confirmed }) => {
+                    assert!(confirmed);
+                    assert_eq!(request.uri().to_string(), format!("http://{addr}/"));
+                }
+                other => panic!("expected NotHttp2, got {other:?}"),
+            }
+            assert!(local.http1_only());
+        }
+        // The second request did not try HTTP/2 again.
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_service_that_closes_unanswered_is_not_marked_by_that_alone() {
+        let (addr, _) = raw_server(b"").await;
+        let local = LocalH2::new(addr.clone());
+        match local.send(get(&addr)).await {
+            Err(Failure::NotHttp2 { confirmed, .. }) => assert!(!confirmed),
+            other => panic!("expected NotHttp2, got {other:?}"),
+        }
+        assert!(!local.http1_only());
+    }
+
     #[tokio::test]
     async fn a_service_that_is_not_listening_is_a_connect_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -239,7 +373,9 @@ mod tests {
         drop(listener);
         let local = LocalH2::new(addr.clone());
         match local.send(get(&addr)).await {
-            Err(ProxyError::LocalConnect { address, .. }) => assert_eq!(address, addr),
+            Err(Failure::Error(ProxyError::LocalConnect { address, .. })) => {
+                assert_eq!(address, addr)
+            }
             other => panic!("expected LocalConnect, got {other:?}"),
         }
     }

@@ -151,7 +151,8 @@ impl Inbound {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        let wants_h1 = headers::caller_spoke_h1(parts.version, &parts.headers);
+        let wants_h1 =
+            headers::caller_spoke_h1(parts.version, &parts.headers) || self.http2.http1_only();
         parts.headers.remove(ORIG_PROTO);
         if (wants_h1 || client_upgrade.is_some()) && !parts.headers.contains_key(http::header::HOST)
         {
@@ -162,11 +163,7 @@ impl Inbound {
                 }
             }
         }
-        let pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let pq = pq_of(&parts.uri);
 
         if let Some(client_upgrade) = client_upgrade {
             parts.uri = Uri::from(pq);
@@ -189,15 +186,7 @@ impl Inbound {
             // Origin form, as HTTP/1.1 servers expect; Host was kept (or
             // rebuilt from :authority above).
             parts.uri = Uri::from(pq);
-            parts.version = Version::HTTP_11;
-            if local_h1::fits(&parts, http_body::Body::is_end_stream(&body)) {
-                self.lean_h1.send(&parts).await?
-            } else {
-                self.http1
-                    .send(Request::from_parts(parts, body))
-                    .await?
-                    .map(Body::incoming)
-            }
+            self.send_h1(parts, body).await?
         } else {
             // Assembled from parsed parts (the path shared, the authority
             // parsed at start-up), not re-parsed from text for every request.
@@ -208,11 +197,48 @@ impl Inbound {
             parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
             parts.version = Version::HTTP_2;
             let req = Request::from_parts(parts, body);
-            self.http2.send(req).await?
+            match self.http2.send(req).await {
+                Ok(res) => res,
+                Err(local_h2::Failure::Error(e)) => return Err(e),
+                // Found out on this request's connection: nothing was sent.
+                Err(local_h2::Failure::NotHttp2 { request, confirmed }) => {
+                    let (mut parts, body) = request.into_parts();
+                    if let Some(a) = parts.uri.authority() {
+                        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                            parts.headers.insert(http::header::HOST, v);
+                        }
+                    }
+                    parts.uri = Uri::from(pq_of(&parts.uri));
+                    let res = self.send_h1(parts, body).await?;
+                    if !confirmed {
+                        self.http2.mark_http1_only();
+                    }
+                    res
+                }
+            }
         };
         let (mut parts, body) = res.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// Send an origin-form request to the service over HTTP/1.1: bodiless
+    /// ones on the lean client, the rest through hyper's.
+    async fn send_h1(
+        &self,
+        mut parts: http::request::Parts,
+        body: Body,
+    ) -> Result<Response<Body>, ProxyError> {
+        parts.version = Version::HTTP_11;
+        if local_h1::fits(&parts, http_body::Body::is_end_stream(&body)) {
+            self.lean_h1.send(&parts).await
+        } else {
+            Ok(self
+                .http1
+                .send(Request::from_parts(parts, body))
+                .await?
+                .map(Body::incoming))
+        }
     }
 
     async fn relay_upgrade(
@@ -263,4 +289,11 @@ fn h2_authority(parts: &mut http::request::Parts, local: &Authority) -> Authorit
     from_host
         .or_else(|| parts.uri.authority().cloned())
         .unwrap_or_else(|| local.clone())
+}
+
+/// A URI's path and query, `/` if it has none.
+fn pq_of(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }

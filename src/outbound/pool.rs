@@ -26,21 +26,19 @@
 //! TLS or plaintext from the endpoint's record and verifies the peer's
 //! SPIFFE identity.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::dial::{self, PeerStream, PeerTls};
 use super::h1_pool::{H1Pool, H1Sender, OpenConn, DEFAULT_IDLE_EXPIRY};
 use super::h2_client::{self, Ended, H2Sender};
+use crate::http::first_read::FirstRead;
 use crate::http::Body;
 use crate::inbound::local_h1;
 use crate::tls::Tls;
@@ -427,11 +425,7 @@ impl PeerPool {
     async fn connect_h2(&self, timeout: Duration) -> Result<H2Sender, ConnectError> {
         let started = Instant::now();
         let stream = self.dial(timeout, true, started).await?;
-        let (first_bytes_tx, first_bytes) = oneshot::channel();
-        let io = FirstRead {
-            inner: stream,
-            notify: Some(first_bytes_tx),
-        };
+        let (io, first_bytes) = FirstRead::new(stream);
         let settings = h2_client::Settings {
             stream_window: STREAM_WINDOW,
             connection_window: CONNECTION_WINDOW,
@@ -470,7 +464,7 @@ impl PeerPool {
         // SETTINGS; a hung process never does.
         let left = timeout.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, first_bytes).await {
-            Ok(Ok(())) => {
+            Ok(Ok(_)) => {
                 // A peer that answers again is no longer "hung".
                 self.unresponsive
                     .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -489,59 +483,6 @@ impl PeerPool {
             addr: self.addr.clone(),
             message,
         }
-    }
-}
-
-/// A stream that reports when its first bytes are read.
-struct FirstRead {
-    inner: PeerStream,
-    notify: Option<oneshot::Sender<()>>,
-}
-
-impl AsyncRead for FirstRead {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            if let Some(tx) = self.notify.take() {
-                let _ = tx.send(());
-            }
-        }
-        res
-    }
-}
-
-impl AsyncWrite for FirstRead {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
