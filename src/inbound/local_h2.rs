@@ -58,9 +58,9 @@ pub struct LocalH2 {
     /// Held while a connection is being opened, so that a burst of requests
     /// opens one connection, not one each.
     connecting: tokio::sync::Mutex<()>,
-    /// The service answered our preface with something other than SETTINGS. Kept
-    /// for the life of the process: a service does not stop speaking
-    /// HTTP/1.1, and probing again would cost it an error response.
+    /// The service answered our preface with something other than
+    /// SETTINGS. Kept for the life of the process: a service does not stop
+    /// speaking HTTP/1.1, and probing again would cost it an error response.
     http1_only: AtomicBool,
 }
 
@@ -81,6 +81,12 @@ pub enum Failure {
     Error(ProxyError),
 }
 
+impl From<ProxyError> for Failure {
+    fn from(e: ProxyError) -> Self {
+        Failure::Error(e)
+    }
+}
+
 /// What opening a connection found.
 enum Opened {
     Sender(H2Sender),
@@ -88,12 +94,6 @@ enum Opened {
     Http1,
     /// Closed before it sent anything.
     Unanswered,
-}
-
-impl From<ProxyError> for Failure {
-    fn from(e: ProxyError) -> Self {
-        Failure::Error(e)
-    }
 }
 
 impl LocalH2 {

@@ -154,19 +154,9 @@ impl Inbound {
         let wants_h1 =
             headers::caller_spoke_h1(parts.version, &parts.headers) || self.http2.http1_only();
         parts.headers.remove(ORIG_PROTO);
-        if (wants_h1 || client_upgrade.is_some()) && !parts.headers.contains_key(http::header::HOST)
-        {
-            // HTTP/2 carried the caller's Host as :authority.
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    parts.headers.insert(http::header::HOST, v);
-                }
-            }
-        }
-        let pq = pq_of(&parts.uri);
 
         if let Some(client_upgrade) = client_upgrade {
-            parts.uri = Uri::from(pq);
+            origin_form(&mut parts);
             parts.version = Version::HTTP_11;
             // Boxed: the upgrade path's future (connect, handshake) would
             // otherwise be carried inline by every request's future, which
@@ -183,9 +173,7 @@ impl Inbound {
         };
 
         let res = if wants_h1 {
-            // Origin form, as HTTP/1.1 servers expect; Host was kept (or
-            // rebuilt from :authority above).
-            parts.uri = Uri::from(pq);
+            origin_form(&mut parts);
             self.send_h1(parts, body).await?
         } else {
             // Assembled from parsed parts (the path shared, the authority
@@ -193,7 +181,7 @@ impl Inbound {
             let mut uri = http::uri::Parts::default();
             uri.scheme = Some(Scheme::HTTP);
             uri.authority = Some(h2_authority(&mut parts, authority));
-            uri.path_and_query = Some(pq);
+            uri.path_and_query = Some(pq_of(&parts.uri));
             parts.uri = Uri::from_parts(uri).map_err(|e| bad_target(e.to_string()))?;
             parts.version = Version::HTTP_2;
             let req = Request::from_parts(parts, body);
@@ -203,12 +191,7 @@ impl Inbound {
                 // Found out on this request's connection: nothing was sent.
                 Err(local_h2::Failure::NotHttp2 { request, confirmed }) => {
                     let (mut parts, body) = request.into_parts();
-                    if let Some(a) = parts.uri.authority() {
-                        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                            parts.headers.insert(http::header::HOST, v);
-                        }
-                    }
-                    parts.uri = Uri::from(pq_of(&parts.uri));
+                    origin_form(&mut parts);
                     let res = self.send_h1(parts, body).await?;
                     if !confirmed {
                         self.http2.mark_http1_only();
@@ -289,6 +272,20 @@ fn h2_authority(parts: &mut http::request::Parts, local: &Authority) -> Authorit
     from_host
         .or_else(|| parts.uri.authority().cloned())
         .unwrap_or_else(|| local.clone())
+}
+
+/// A request in the form HTTP/1.1 servers expect: the target in origin
+/// form, and a Host header, kept if the caller sent one, else rebuilt from
+/// the URI's authority (HTTP/2 carries the caller's Host as `:authority`).
+fn origin_form(parts: &mut http::request::Parts) {
+    if !parts.headers.contains_key(http::header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+    }
+    parts.uri = Uri::from(pq_of(&parts.uri));
 }
 
 /// A URI's path and query, `/` if it has none.
