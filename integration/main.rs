@@ -12,6 +12,7 @@ mod hardening_input;
 mod hardening_overload;
 mod mtls;
 mod registry_faults;
+mod scheduling;
 mod soak;
 mod support;
 mod support_selftest;

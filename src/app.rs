@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::config::{Config, TlsMode};
+use crate::config::{Config, Scheduling, TlsMode};
 use crate::discovery::{Applier, DiscoveryStatus, Table, UPDATE_CHANNEL};
 use crate::health::{self, RegistryHandle};
 use crate::http::server;
@@ -242,6 +242,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     let reload_task = tls.clone().map(|t| tokio::spawn(t.run_reload()));
     let trim_task = tokio::spawn(crate::memory::trim_when_idle());
+    let sched_task = (config.runtime.scheduling == Scheduling::Adaptive)
+        .then(|| tokio::spawn(crate::scheduling::run(metrics.clone())));
     tracing::info!(
         service = %config.service.name,
         instance = %config.service.instance_id,
@@ -275,6 +277,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     probe_task.abort();
     trim_task.abort();
+    if let Some(t) = sched_task {
+        t.abort();
+    }
     ejector_task.abort();
     if let Some(t) = reload_task {
         t.abort();

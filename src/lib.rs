@@ -60,4 +60,5 @@ pub mod offload;
 pub mod outbound;
 pub mod registry;
 pub mod routes_cli;
+pub mod scheduling;
 pub mod tls;

@@ -191,6 +191,10 @@ pub struct Metrics {
     /// notAfter of the certificate in use, in Unix seconds (0 without TLS),
     /// so an alert can fire well before it lapses.
     pub tls_cert_expiry: Gauge,
+    /// 1 while the sidecar runs under `SCHED_BATCH` (`crate::scheduling`).
+    pub sched_batch: Gauge,
+    /// Times the run-queue delay sent the sidecar back to the normal policy.
+    pub sched_fallbacks: Counter,
 }
 
 // === impl Metrics ===
@@ -227,6 +231,8 @@ impl Metrics {
             tls_handshakes: Family::default(),
             tls_reloads: Family::default(),
             tls_cert_expiry: Gauge::default(),
+            sched_batch: Gauge::default(),
+            sched_fallbacks: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -350,6 +356,16 @@ impl Metrics {
             "tls_cert_expiry_timestamp_seconds",
             "notAfter of the certificate in use (Unix seconds; 0 without TLS)",
             m.tls_cert_expiry.clone(),
+        );
+        r.register(
+            "sched_batch",
+            "1 while running under SCHED_BATCH (runtime.scheduling = adaptive)",
+            m.sched_batch.clone(),
+        );
+        r.register(
+            "sched_fallbacks",
+            "Times run-queue delay under SCHED_BATCH sent the sidecar back to the normal policy",
+            m.sched_fallbacks.clone(),
         );
         Metrics { registry, ..m }
     }

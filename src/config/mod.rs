@@ -122,6 +122,17 @@ pub struct Runtime {
     /// Where the last known routing table is persisted (`routes.json`), so
     /// a sidecar restarted during a registry outage can still route.
     pub state_dir: Option<PathBuf>,
+    /// CPU scheduling policy (`crate::scheduling`).
+    pub scheduling: Scheduling,
+}
+
+/// `runtime.scheduling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduling {
+    /// `SCHED_BATCH` while the run-queue delay stays low (the default).
+    Adaptive,
+    /// Always the normal policy.
+    Normal,
 }
 
 /// One registry section.

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::config::{
     format_duration, Config, HealthCheck, LbKind, OutlierConfig, RegistryConfig, RegistryKind,
-    TlsMode, UpstreamPolicy,
+    Scheduling, TlsMode, UpstreamPolicy,
 };
 
 /// What a set secret is shown as. Unset secrets are `null`, so an operator
@@ -67,6 +67,10 @@ pub(crate) fn redacted_json(config: &Config) -> Value {
             "worker_threads": config.runtime.worker_threads,
             "drain_timeout": format_duration(config.runtime.drain_timeout),
             "state_dir": config.runtime.state_dir.as_deref().map(path),
+            "scheduling": match config.runtime.scheduling {
+                Scheduling::Adaptive => "adaptive",
+                Scheduling::Normal => "normal",
+            },
         },
         "registry": config.registries.iter().map(registry_json).collect::<Vec<_>>(),
         "outbound": outbound,

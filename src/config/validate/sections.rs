@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use super::{check_dns_name, check_service_name};
 use crate::config::raw::Section;
-use crate::config::{Limits, Listeners, Runtime, TlsConfig, TlsMode};
+use crate::config::{Limits, Listeners, Runtime, Scheduling, TlsConfig, TlsMode};
 
 const LISTENER_KEYS: &[&str] = &["outbound", "inbound", "admin", "ingress"];
-const RUNTIME_KEYS: &[&str] = &["worker_threads", "drain_timeout", "state_dir"];
+const RUNTIME_KEYS: &[&str] = &["worker_threads", "drain_timeout", "state_dir", "scheduling"];
 const LIMIT_KEYS: &[&str] = &[
     "max_header_bytes",
     "max_headers",
@@ -91,6 +91,13 @@ pub(super) fn runtime(sec: &Section<'_>) -> Runtime {
             .duration("drain_timeout")
             .unwrap_or(Duration::from_secs(10)),
         state_dir: sec.path_buf("state_dir"),
+        scheduling: sec
+            .parse("scheduling", "a string", |s| match s {
+                "adaptive" => Ok(Scheduling::Adaptive),
+                "normal" => Ok(Scheduling::Normal),
+                other => Err(format!(r#"expected "adaptive" or "normal", got {other:?}"#)),
+            })
+            .unwrap_or(Scheduling::Adaptive),
     }
 }
 

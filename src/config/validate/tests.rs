@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::*;
-use crate::config::{HealthCheck, LbKind, RegistryKind};
+use crate::config::{HealthCheck, LbKind, RegistryKind, Scheduling};
 
 /// The documented example (with `tcp` dropped: it conflicts with `http`).
 const EXAMPLE: &str = r#"
@@ -33,6 +33,7 @@ ingress = "0.0.0.0:8080"
 worker_threads = 1
 drain_timeout = "10s"
 state_dir = "/var/lib/outrigger"
+scheduling = "normal"
 [registry]
 kind = "etcd"
 prefix = "/outrigger"
@@ -161,6 +162,7 @@ fn full_example_parses_to_expected_values() {
 
     assert_eq!(c.runtime.worker_threads, 1);
     assert_eq!(c.runtime.drain_timeout, secs(10));
+    assert_eq!(c.runtime.scheduling, Scheduling::Normal);
     assert_eq!(
         c.runtime.state_dir,
         Some(PathBuf::from("/var/lib/outrigger"))
@@ -255,6 +257,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(c.runtime.worker_threads, 1);
     assert_eq!(c.runtime.drain_timeout, secs(10));
     assert_eq!(c.runtime.state_dir, None);
+    assert_eq!(c.runtime.scheduling, Scheduling::Adaptive);
 
     let r = &c.registries[0];
     assert_eq!(r.prefix, "/outrigger");
@@ -516,6 +519,7 @@ fn problems_say_what_was_expected() {
         [runtime]
         worker_threads = 0
         drain_timeout = 10
+        scheduling = "realtime"
         [limits]
         max_header_bytes = "2MiB"
         max_headers = true
@@ -530,6 +534,7 @@ fn problems_say_what_was_expected() {
             r#"service.health.http: "healthz" must start with '/'"#,
             "runtime.worker_threads: expected an integer 1..=64, got 0",
             r#"runtime.drain_timeout: expected a duration like "5s", got 10"#,
+            r#"runtime.scheduling: expected "adaptive" or "normal", got "realtime""#,
             r#"registry.kind: expected one of "etcd", "consul", "static", got "zookeeper""#,
             r#"registry.prefix: "/outrigger/" must start with '/' and not end with '/' (e.g. "/outrigger")"#,
             r#"outbound.lb: expected one of "p2c-ewma", "round-robin", "least-request", "random", got "fastest""#,
@@ -967,7 +972,12 @@ fn redacted_json_hides_secrets_and_shows_everything_else() {
     );
     assert_eq!(
         j["runtime"],
-        json!({ "worker_threads": 1, "drain_timeout": "10s", "state_dir": "/var/lib/outrigger" })
+        json!({
+            "worker_threads": 1,
+            "drain_timeout": "10s",
+            "state_dir": "/var/lib/outrigger",
+            "scheduling": "normal",
+        })
     );
     assert_eq!(j["outbound"]["mesh_domain"], json!("mesh"));
     assert_eq!(j["outbound"]["per_try_timeout"], json!(null));
