@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use crate::support::client::{self, get};
 use crate::support::mesh::{static_registry, SidecarSpec, StaticPair};
+use crate::support::procfs::stat_field;
 use crate::support::{exclusive, shared, wait_until, FileDir, Sidecar, Upstream};
 
-const SCHED_OTHER: u32 = 0;
-const SCHED_BATCH: u32 = 3;
+const SCHED_OTHER: u64 = 0;
+const SCHED_BATCH: u64 = 3;
 
 /// The policy of every thread of `pid`: field 41 of
-/// `/proc/PID/task/TID/stat`, counted after the `(comm)` field, which may
-/// hold spaces.
-fn thread_policies(pid: u32) -> Result<Vec<u32>, String> {
+/// `/proc/PID/task/TID/stat`.
+fn thread_policies(pid: u32) -> Result<Vec<u64>, String> {
     let dir = format!("/proc/{pid}/task");
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
@@ -25,21 +25,14 @@ fn thread_policies(pid: u32) -> Result<Vec<u32>, String> {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue; // the thread exited
         };
-        let after_comm = text.rsplit_once(')').ok_or("no comm")?.1;
-        // After the comm, fields start at 3 (state); policy is field 41.
-        let policy = after_comm
-            .split_ascii_whitespace()
-            .nth(41 - 3)
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| format!("no policy field in {path:?}: {text}"))?;
-        out.push(policy);
+        out.push(stat_field(&text, 41).map_err(|e| format!("{path:?}: {e}: {text}"))?);
     }
     Ok(out)
 }
 
 /// Wait until every thread of `sidecar` runs under `policy` and its gauge
 /// says so.
-async fn wait_policy(sidecar: &Sidecar, name: &str, policy: u32, timeout: Duration) {
+async fn wait_policy(sidecar: &Sidecar, name: &str, policy: u64, timeout: Duration) {
     let pid = sidecar.pid();
     let gauge = f64::from(u8::from(policy == SCHED_BATCH));
     wait_until(

@@ -49,17 +49,8 @@ pub fn try_stats(pid: u32) -> Result<ProcStats, String> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or("no VmRSS line")?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
-    // Fields after the command name, which may itself contain spaces and ')'.
-    let after = stat.rsplit_once(')').ok_or("malformed stat")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat(5); `after` starts at field 3.
-    let ticks = |i: usize| -> Result<u64, String> {
-        fields
-            .get(i)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("stat field {} missing", i + 3))
-    };
-    let cpu_ticks = ticks(11)? + ticks(12)?;
+    // utime and stime are fields 14 and 15 of stat(5).
+    let cpu_ticks = stat_field(&stat, 14)? + stat_field(&stat, 15)?;
     let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map_err(|e| e.to_string())?
         .count();
@@ -68,6 +59,18 @@ pub fn try_stats(pid: u32) -> Result<ProcStats, String> {
         cpu: Duration::from_secs_f64(cpu_ticks as f64 / clock_ticks_per_second()),
         open_fds,
     })
+}
+
+/// Field `n` (1-based, as numbered in proc_pid_stat(5)) of a `stat` file's
+/// text, counted after the command name, which may itself contain spaces
+/// and ')'.
+pub fn stat_field(stat: &str, n: usize) -> Result<u64, String> {
+    let after = stat.rsplit_once(')').ok_or("malformed stat")?.1;
+    // `after` starts at field 3 (state).
+    n.checked_sub(3)
+        .and_then(|i| after.split_whitespace().nth(i))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("stat field {n} missing"))
 }
 
 fn clock_ticks_per_second() -> f64 {
