@@ -1,5 +1,6 @@
-//! The sidecar's CPU scheduling policy: `SCHED_BATCH` while it costs no
-//! latency, the normal policy while it would.
+//! The sidecar's CPU scheduling policy: `SCHED_BATCH` unless CPU-bound
+//! neighbours make it wait for the scheduler tick, the normal policy while
+//! they do.
 //!
 //! Why batch. A sidecar runs in short bursts, each started by a socket
 //! wake-up. Under the normal policy (`SCHED_OTHER`) a woken task preempts the
@@ -10,7 +11,12 @@
 //! task blocks, or at the next scheduler tick. On the two-hop bench chain at
 //! 1000 req/s (2-vCPU VM, Linux 6.18) that cut the whole box's CPU per
 //! request from 318-379 to 178-210 µs and halved the added p50; in quick
-//! harness runs max RPS rose 2-9 % (README, Performance).
+//! harness runs max RPS rose 2-9 % (README, Performance). Batching has a
+//! price at light load: on a 2-vCPU AMD VM it saved 17-20 % of the CPU and
+//! lowered the p50 and p99.9, but raised the p90 by about 15 % and the p99
+//! by about 28 % over HTTP/1.1, because a woken hop waits for the task on
+//! its CPU to block. `runtime.scheduling = "normal"` is for deployments
+//! that rank that tail above CPU.
 //!
 //! Why adaptive. When the CPU is taken by a task that does not block (a
 //! CPU-bound neighbour), a batch task waits for the tick instead: with two
@@ -120,8 +126,8 @@ impl Controller {
     }
 }
 
-/// Run forever: keep the process's threads in batch while that costs no
-/// latency. Returns at once if the platform or a sandbox refuses the
+/// Run forever: keep the process's threads in batch unless CPU-bound
+/// neighbours make batch wait for the tick. Returns at once if the platform or a sandbox refuses the
 /// policy; the sidecar then keeps the normal one.
 pub async fn run(metrics: std::sync::Arc<crate::metrics::Metrics>) {
     let Some(first) = os::sample() else {
