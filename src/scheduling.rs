@@ -127,8 +127,8 @@ impl Controller {
 }
 
 /// Run forever: keep the process's threads in batch unless CPU-bound
-/// neighbours make batch wait for the tick. Returns at once if the platform or a sandbox refuses the
-/// policy; the sidecar then keeps the normal one.
+/// neighbours make batch wait for the tick. Returns at once if the platform
+/// or a sandbox refuses the policy; the sidecar then keeps the normal one.
 pub async fn run(metrics: std::sync::Arc<crate::metrics::Metrics>) {
     let Some(first) = os::sample() else {
         tracing::debug!("no per-thread scheduler statistics; keeping the normal policy");
